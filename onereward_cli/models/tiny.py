@@ -1,0 +1,216 @@
+"""The offline tiny model zoo: real architectures at toy sizes, saved in the real HF formats.
+
+Nothing here downloads. Every model is randomly initialised from a fixed seed and saved so that the
+public loaders read it (`FluxFillPipeline.from_pretrained`, `AutoModelForImageTextToText` /
+`AutoProcessor.from_pretrained`, open_clip's factory). Later stages load the zoo through exactly the
+code they use for real checkpoints. Same seed, same bytes.
+
+Layout of a zoo directory:
+    flux-fill/        FluxFillPipeline (transformer, vae, CLIP + T5 text encoders, tokenizers, scheduler)
+    qwen2.5-vl/       Qwen2.5-VL model + processor + chat template ("yes"/"no"/"Yes"/"No" single tokens)
+    open-clip/        open_clip_config.json + open_clip_model.safetensors (loads as "local-dir:<path>")
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+ZOO_VERSION = "1"
+ZOO_MODELS = ("flux-fill", "qwen2.5-vl", "open-clip")
+
+# The Qwen2-VL chat template semantics for our use (system turn inserted, images as vision pads).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}"
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def default_zoo_dir() -> Path:
+    root = os.environ.get("ONEREWARD_ZOO")
+    if root:
+        return Path(root)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "onereward" / f"zoo-v{ZOO_VERSION}"
+
+
+def _corpus() -> list[str]:
+    from ..reward import QUERY_TEMPLATE  # noqa: F401 - the query words should tokenise compactly
+    from ..tasks import DIMENSION_DEFINITIONS
+
+    words = [
+        "Both of these two images are generated results of image fill. Please evaluate the difference of "
+        "the two images. Is the first image better than the second one? Please answer \"yes\" or \"no\". "
+        "The evaluation criteria is text alignment. The prompt of the two image is a red circle.",
+        "image extend object removal consistency structure aesthetics removal quality **first** **second**",
+        "yes no Yes No YES NO yes. no. You are a helpful assistant. system user assistant",
+        "red green blue yellow purple orange white black circle square triangle star stripes dots on a background",
+        "remove high-definition, perfect composition",
+    ] + list(DIMENSION_DEFINITIONS.values())
+    return words * 4
+
+
+def build_qwen_vl(out: Path, seed: int = 0):
+    import torch
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                              Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    m = json.loads(bpe.to_str())["model"]
+    vocab = dict(m["vocab"])
+    merges = [tuple(x) if not isinstance(x, str) else tuple(x.split(" ")) for x in m["merges"]]
+    for w in ["yes", "no", "Yes", "No"]:  # force single tokens
+        while len(p := Qwen2Tokenizer(vocab=vocab, merges=merges).tokenize(w)) > 1:
+            merges.append((p[0], p[1]))
+            vocab.setdefault(p[0] + p[1], len(vocab))
+    for s in QWEN_SPECIAL:
+        vocab[s] = len(vocab)
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
+                         eos_token="<|im_end|>", pad_token="<|endoftext|>", errors="replace")
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[1:]})
+    tok.chat_template = CHAT_TEMPLATE
+    kw = dict(min_pixels=784, max_pixels=3136 * 4, patch_size=14, merge_size=2, temporal_patch_size=2)
+    proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok,
+                               video_processor=Qwen2VLVideoProcessor(**kw), chat_template=CHAT_TEMPLATE)
+    ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL}
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         max_window_layers=2,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+                         bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=32, num_heads=4, out_hidden_size=32,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+
+
+def build_flux_fill(out: Path, seed: int = 0):
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    alpha = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in alpha:
+        vocab[c] = len(vocab)
+    for c in alpha:
+        vocab[c + "</w>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    ch = [chr(i) for i in range(33, 127)]
+    t5v = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [("▁" + c, -3.0) for c in ch] \
+        + [(c, -4.0) for c in ch]
+    tok2 = T5Tokenizer(vocab=t5v, extra_ids=0)
+    torch.manual_seed(seed)
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=48, out_channels=16, num_layers=1, num_single_layers=1,
+                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        shift_factor=0.1159, scaling_factor=0.3611)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                      num_hidden_layers=2, projection_dim=32, bos_token_id=0, eos_token_id=1,
+                                      pad_token_id=1, max_position_embeddings=77))
+    te2 = T5EncoderModel(T5Config(vocab_size=len(t5v), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+    for mod in (tr, vae, te, te2):
+        mod.eval()
+    # Real FLUX.1-Fill-dev scheduler settings (shift 3, dynamic shifting, 256..4096 tokens).
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                            base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxFillPipeline(scheduler=sched, vae=vae, text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                            tokenizer_2=tok2, transformer=tr)
+    pipe.save_pretrained(out)  # save before any use: tokenizer padding state would leak into the files
+
+
+def build_open_clip(out: Path, seed: int = 0):
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    # Default vocabulary (49408): open_clip's SimpleTokenizer ships its BPE file inside the wheel, so
+    # the tokenizer works offline and the folder loads with no path fix-ups.
+    model_cfg = {"embed_dim": 16,
+                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    cfg = {"model_cfg": model_cfg,
+           "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+                              "interpolation": "bicubic", "resize_mode": "shortest"}}
+    (out / "open_clip_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    torch.manual_seed(seed)
+    model = open_clip.create_model(f"local-dir:{out}", load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "open_clip_model.safetensors"))
+
+
+BUILDERS = {"flux-fill": build_flux_fill, "qwen2.5-vl": build_qwen_vl, "open-clip": build_open_clip}
+
+
+def build_zoo(out_dir=None, seed: int = 0, force: bool = False, only=None) -> Path:
+    """Build every zoo model into `out_dir` (default: the cache); skip ones already complete."""
+    out_dir = Path(out_dir) if out_dir else default_zoo_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in only or ZOO_MODELS:
+        target = out_dir / name
+        marker = target / ".complete"
+        if marker.exists() and not force:
+            continue
+        tmp = out_dir / f".{name}.building-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        BUILDERS[name](tmp, seed=seed)
+        (tmp / ".complete").write_text(json.dumps({"zoo_version": ZOO_VERSION, "seed": seed}) + "\n")
+        if marker.exists() and not force:  # another process finished the same build first
+            shutil.rmtree(tmp, ignore_errors=True)
+            continue
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)  # atomic: a zoo model directory is either complete or absent
+        except OSError:
+            if not marker.exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_path(spec: str) -> str:
+    """'zoo:NAME' -> the cached zoo path (built on first use); anything else is returned unchanged."""
+    if not spec.startswith("zoo:"):
+        return spec
+    name = spec[4:]
+    if name not in ZOO_MODELS:
+        from ..errors import InputError
+        raise InputError(f"unknown zoo model '{name}'; zoo models: {', '.join(ZOO_MODELS)}", field="models")
+    zoo = build_zoo(only=[name])
+    return str(zoo / name)

@@ -1,0 +1,483 @@
+"""YAML recipes -> frozen, typed dataclasses.
+
+A recipe is the whole configuration of a run. Bundled recipes live in `recipes/`; a user passes a
+bundled name (`tiny`) or a path, plus `--set a.b=c` overrides. Unknown keys, wrong types and
+impossible values are errors that name the key (with a close-match suggestion for typos).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import InputError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_PACKAGED_RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelsConfig:
+    # FluxFillPipeline directory or hub id ("black-forest-labs/FLUX.1-Fill-dev"); "zoo:NAME" is the tiny zoo.
+    policy: str = "zoo:flux-fill"
+    # Qwen2/2.5-VL checkpoint (hub id or path) used as the reward model backbone.
+    reward: str = "zoo:qwen2.5-vl"
+    # open_clip model name ("ViT-L-14") or "zoo:open-clip"; pretrained tag or weight file.
+    clip: str = "zoo:open-clip"
+    clip_pretrained: str = ""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    # Name written into the reward query ([TASK] in Fig. 3).
+    name: str
+    probability: float
+    dimensions: tuple[str, ...]
+    # Fixed prompt for prompt-free tasks ("remove", "high-definition, perfect composition").
+    fixed_prompt: str | None = None
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    n: int = 64
+    size: int = 64
+    min_objects: int = 1
+    max_objects: int = 3
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    select: int = 32
+    mode: str = "flat"  # flat | hierarchical
+    backend: str = "auto"  # auto | faiss | sklearn
+    batch_size: int = 64
+    num_workers: int = 0
+    shard_size: int = 4096
+    min_size: int = 16
+    # hierarchical: number of coarse clusters at level 1 (0 = sqrt(select)).
+    coarse_clusters: int = 0
+    kmeans_iters: int = 20
+    # Cosine similarity above which two pool images count as duplicates (only one may be picked).
+    dedup_threshold: float = 0.995
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    fill_min_frac: float = 0.15
+    fill_max_frac: float = 0.5
+    stroke_probability: float = 0.3
+    extend_min_ratio: float = 1.25
+    extend_max_ratio: float = 1.75
+    removal_dilate: int = 4
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    candidates: int = 4
+    resolution: int = 64
+    batch_size: int = 4
+    # Randomised inference parameters: each candidate draws uniformly from these ranges.
+    steps: tuple[int, int] = (2, 4)
+    guidance: tuple[float, float] = (1.0, 30.0)
+    true_cfg: tuple[float, float] = (1.0, 1.0)
+    shift: tuple[float, float] = (0.5, 1.15)
+    negative_prompts: tuple[str, ...] = ("",)
+    max_sequence_length: int = 32
+    masks: MaskConfig = MaskConfig()
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    test_fraction: float = 0.2
+    # "all" keeps every annotator's picks; "agree" keeps a (sample, dimension) only when all agree.
+    agreement: str = "all"
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    # Query ablation (Tables 1 and 4): full | task | none | fixed
+    query_mode: str = "full"
+    bold: bool = False
+    # P(yes) normalisation: two_way (softmax over {yes, no}) | full_vocab
+    normalise: str = "two_way"
+    yes_token: str = "yes"
+    no_token: str = "no"
+    image_size: int = 56
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int = 0  # 0 = epochs decide
+    grad_accum: int = 1
+    lora: bool = False
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    train_vision: bool = False
+    train_merger: bool = True
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    eval_every: int = 50
+    save_every: int = 50
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class RLConfig:
+    steps: int = 20
+    batch_size: int = 2
+    lr: float = 5e-6
+    # ReFL window: the policy rollout stops at a step index t drawn uniformly from [t1, t2].
+    t1: int = 1
+    t2: int = 3
+    rollout_steps: int = 4
+    lambda_: float = 1.0
+    tau: float = 0.99
+    resolution: int = 64
+    guidance: float = 30.0
+    true_cfg: float = 1.0
+    negative_prompt: str = ""
+    max_sequence_length: int = 32
+    lora: bool = True
+    lora_rank: int = 8
+    lora_alpha: int = 8
+    cache_reference: bool = True
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    max_grad_norm: float = 1.0
+    max_nonfinite: int = 5
+    save_every: int = 10
+    eval_every: int = 0
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    # Each metric runs when its checkpoint is set, and is skipped with a note otherwise.
+    pickscore: str = ""
+    hpsv2: str = ""
+    imagereward: str = ""
+    hpsv3: str = ""
+    remove: str = ""
+    oracle: bool = True
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    seed: int = 1234
+    steps: int = 4
+    guidance: float = 30.0
+    true_cfg: float = 1.0
+    negative_prompt: str = ""
+    resolution: int = 64
+    batch_size: int = 4
+    gsb: bool = True
+    metrics: MetricsConfig = MetricsConfig()
+
+
+def _default_tasks() -> dict[str, TaskConfig]:
+    ta, co, st, ae = "text alignment", "consistency", "structure", "aesthetics"
+    return {
+        "fill": TaskConfig("image fill", 0.35, (ta, co, st, ae)),
+        "extend": TaskConfig("image extend", 0.25, (ta, co, st, ae)),
+        "extend_no_prompt": TaskConfig("image extend", 0.10, (co, st, ae),
+                                       fixed_prompt="high-definition, perfect composition"),
+        "removal": TaskConfig("object removal", 0.30, ("removal quality",), fixed_prompt="remove"),
+    }
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    models: ModelsConfig = ModelsConfig()
+    tasks: dict[str, TaskConfig] = field(default_factory=_default_tasks)
+    synth: SynthConfig = SynthConfig()
+    curate: CurateConfig = CurateConfig()
+    generate: GenerateConfig = GenerateConfig()
+    pairs: PairsConfig = PairsConfig()
+    reward: RewardConfig = RewardConfig()
+    rl: RLConfig = RLConfig()
+    eval: EvalConfig = EvalConfig()
+    # Where the recipe came from (not a user key).
+    source: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+_YAML_KEY_ALIASES = {"lambda": "lambda_"}
+
+
+def to_plain(obj):
+    """Dataclass tree -> plain dict/list values (YAML/JSON friendly)."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            if f.name == "source":
+                continue
+            key = "lambda" if f.name == "lambda_" else f.name
+            out[key] = to_plain(getattr(obj, f.name))
+        return out
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj
+
+
+def _suggest(key: str, options) -> str:
+    m = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f" (did you mean '{m[0]}'?)" if m else ""
+
+
+def _coerce(value, tp, key: str):
+    """Convert a YAML value to the annotated type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise InputError(f"expected a mapping, got {type(value).__name__}", field=key)
+        return _build(tp, value, key)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>") \
+            or type(tp).__name__ == "UnionType":
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"expected a list, got {value!r}", field=key)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise InputError(f"expected {len(args)} values, got {len(value)}", field=key)
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise InputError(f"expected a mapping, got {value!r}", field=key)
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise InputError(f"expected true/false, got {value!r}", field=key)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise InputError(f"expected an integer, got {value!r}", field=key)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InputError(f"expected a number, got {value!r}", field=key)
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise InputError(f"expected a string, got {value!r}", field=key)
+        return str(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    yaml_names = {("lambda" if n == "lambda_" else n) for n in names}
+    kwargs = {}
+    for raw_key, value in data.items():
+        key = _YAML_KEY_ALIASES.get(str(raw_key), str(raw_key))
+        full = f"{prefix}.{raw_key}" if prefix else str(raw_key)
+        if key not in names:
+            raise InputError(f"unknown key{_suggest(str(raw_key), yaml_names)}", field=full)
+        if cls is Recipe and key == "tasks":
+            kwargs[key] = _build_tasks(value, full)
+        else:
+            kwargs[key] = _coerce(value, hints[key], full)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field (TaskConfig) is missing
+        raise InputError(str(e), field=prefix or cls.__name__) from None
+
+
+def _build_tasks(value, key: str) -> dict[str, TaskConfig]:
+    from .tasks import TASK_KEYS  # the registry decides which task keys exist
+
+    if not isinstance(value, dict):
+        raise InputError("expected a mapping of task key -> settings", field=key)
+    defaults = _default_tasks()
+    out = {}
+    for tk, tv in value.items():
+        if tk not in TASK_KEYS:
+            raise InputError(f"unknown task{_suggest(str(tk), TASK_KEYS)}; tasks are {', '.join(TASK_KEYS)}",
+                             field=f"{key}.{tk}")
+        base = to_plain(defaults[tk])
+        if tv is not None:
+            if not isinstance(tv, dict):
+                raise InputError("expected a mapping", field=f"{key}.{tk}")
+            base.update(tv)
+        out[tk] = _build(TaskConfig, base, f"{key}.{tk}")
+    return out
+
+
+def _check(cond: bool, key: str, message: str):
+    if not cond:
+        raise InputError(message, field=key)
+
+
+def validate(r: Recipe) -> Recipe:
+    """Impossible values are errors naming the key."""
+    from .tasks import ALL_DIMENSIONS
+
+    _check(r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"), "device",
+           "must be auto, cpu or cuda[:N]")
+    _check(r.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
+    total = sum(t.probability for t in r.tasks.values())
+    _check(len(r.tasks) > 0, "tasks", "at least one task is needed")
+    for k, t in r.tasks.items():
+        _check(0.0 <= t.probability <= 1.0, f"tasks.{k}.probability", "must be in [0, 1]")
+        _check(len(t.dimensions) > 0, f"tasks.{k}.dimensions", "at least one dimension is needed")
+        for d in t.dimensions:
+            _check(d in ALL_DIMENSIONS, f"tasks.{k}.dimensions",
+                   f"unknown dimension '{d}'{_suggest(d, ALL_DIMENSIONS)}")
+        if t.fixed_prompt is not None:
+            _check("text alignment" not in t.dimensions, f"tasks.{k}.dimensions",
+                   "a prompt-free task cannot be judged on text alignment")
+    _check(math.isclose(total, 1.0, abs_tol=1e-6), "tasks",
+           f"task probabilities must sum to 1, got {total:g}")
+    c = r.curate
+    _check(c.select > 0, "curate.select", "must be positive")
+    _check(c.mode in ("flat", "hierarchical"), "curate.mode", "must be flat or hierarchical")
+    _check(c.backend in ("auto", "faiss", "sklearn"), "curate.backend", "must be auto, faiss or sklearn")
+    _check(c.batch_size > 0, "curate.batch_size", "must be positive")
+    _check(c.num_workers >= 0, "curate.num_workers", "must be >= 0")
+    _check(c.shard_size > 0, "curate.shard_size", "must be positive")
+    _check(0.0 < c.dedup_threshold <= 1.0, "curate.dedup_threshold", "must be in (0, 1]")
+    g = r.generate
+    _check(g.candidates >= 2, "generate.candidates", "need at least 2 candidates to pick best and worst")
+    _check(g.resolution > 0 and g.resolution % 16 == 0, "generate.resolution", "must be a positive multiple of 16")
+    for name in ("steps", "guidance", "true_cfg", "shift"):
+        lo, hi = getattr(g, name)
+        _check(lo <= hi, f"generate.{name}", f"range lower bound {lo} > upper bound {hi}")
+        _check(lo > 0, f"generate.{name}", "must be positive")
+    _check(len(g.negative_prompts) > 0, "generate.negative_prompts", "give at least one (may be \"\")")
+    m = g.masks
+    _check(0 < m.fill_min_frac <= m.fill_max_frac < 1, "generate.masks.fill_min_frac",
+           "need 0 < fill_min_frac <= fill_max_frac < 1")
+    _check(1 < m.extend_min_ratio <= m.extend_max_ratio, "generate.masks.extend_min_ratio",
+           "need 1 < extend_min_ratio <= extend_max_ratio")
+    _check(m.removal_dilate >= 0, "generate.masks.removal_dilate", "must be >= 0")
+    _check(0 <= r.pairs.test_fraction < 1, "pairs.test_fraction", "must be in [0, 1)")
+    _check(r.pairs.agreement in ("all", "agree"), "pairs.agreement", "must be all or agree")
+    w = r.reward
+    _check(w.query_mode in ("full", "task", "none", "fixed"), "reward.query_mode",
+           "must be full, task, none or fixed")
+    _check(w.normalise in ("two_way", "full_vocab"), "reward.normalise", "must be two_way or full_vocab")
+    _check(w.lr > 0, "reward.lr", "learning rate must be positive")
+    _check(w.batch_size > 0, "reward.batch_size", "must be positive")
+    _check(w.image_size > 0 and w.image_size % 28 == 0, "reward.image_size", "must be a positive multiple of 28")
+    _check(w.grad_accum >= 1, "reward.grad_accum", "must be >= 1")
+    _check(w.mixed_precision in ("no", "bf16", "fp16"), "reward.mixed_precision", "must be no, bf16 or fp16")
+    _check(w.epochs >= 1 or w.max_steps > 0, "reward.epochs", "must be >= 1 (or set reward.max_steps)")
+    q = r.rl
+    _check(q.lr > 0, "rl.lr", "learning rate must be positive")
+    _check(q.batch_size > 0, "rl.batch_size", "must be positive")
+    _check(q.rollout_steps >= 1, "rl.rollout_steps", "must be >= 1")
+    _check(0 <= q.t1 <= q.t2, "rl.t1", f"need 0 <= t1 <= t2, got t1={q.t1}, t2={q.t2}")
+    _check(q.t2 < q.rollout_steps, "rl.t2", f"must be < rl.rollout_steps ({q.rollout_steps})")
+    _check(0 < q.lambda_ <= 1, "rl.lambda", "reward upper bound must be in (0, 1]")
+    _check(0 <= q.tau < 1, "rl.tau", "EMA decay must be in [0, 1)")
+    _check(q.resolution > 0 and q.resolution % 16 == 0, "rl.resolution", "must be a positive multiple of 16")
+    _check(q.mixed_precision in ("no", "bf16", "fp16"), "rl.mixed_precision", "must be no, bf16 or fp16")
+    _check(q.steps >= 1, "rl.steps", "must be >= 1")
+    _check(q.save_every >= 0 and q.eval_every >= 0, "rl.save_every", "must be >= 0")
+    e = r.eval
+    _check(e.steps >= 1, "eval.steps", "must be >= 1")
+    _check(e.resolution > 0 and e.resolution % 16 == 0, "eval.resolution", "must be a positive multiple of 16")
+    return r
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise InputError("recipe file not found", path=p)
+        return p
+    for d in (RECIPES_DIR, _PACKAGED_RECIPES):
+        cand = d / f"{name_or_path}.yaml"
+        if cand.exists():
+            return cand
+    names = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml")) if RECIPES_DIR.exists() else []
+    raise InputError(f"no bundled recipe '{name_or_path}'{_suggest(name_or_path, names)}; "
+                     f"bundled: {', '.join(names)}", field="--recipe")
+
+
+def _parse_override(item: str):
+    if "=" not in item:
+        raise InputError(f"expected key.sub=value, got '{item}'", field="--set")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise InputError(f"empty key in '{item}'", field="--set")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _apply_override(data: dict, key: str, value):
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = {}
+            node[p] = nxt
+        if not isinstance(nxt, dict):
+            raise InputError(f"'{p}' is not a section", field=key)
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_recipe(name_or_path: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise InputError(f"invalid YAML: {getattr(e, 'problem', e)}", path=path,
+                         line=None if line is None else line + 1) from None
+    if not isinstance(data, dict):
+        raise InputError("a recipe must be a mapping", path=path)
+    parsed = [_parse_override(item) for item in overrides]
+    for k, v in parsed:
+        _apply_override(data, k, v)
+    try:
+        recipe = _build(Recipe, data)
+        recipe = dataclasses.replace(recipe, source=str(path))
+        return validate(recipe)
+    except InputError as e:
+        # Name the --set key that caused it, so "no.such.key" is reported whole.
+        for k, _ in parsed:
+            if e.field and (k == e.field or k.startswith(e.field + ".")):
+                raise InputError(str(e).split(": ", 1)[-1] if e.field in str(e) else str(e),
+                                 field=f"--set {k}") from None
+        if e.path is None:
+            raise InputError(str(e), path=path) from None
+        raise
+
+
+def replace(recipe: Recipe, **changes) -> Recipe:
+    return validate(dataclasses.replace(recipe, **changes))
