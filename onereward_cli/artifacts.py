@@ -24,6 +24,15 @@ from .errors import InputError
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
 # ----------------------------------------------------------------------------------------------
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     """Yield a temp path next to `path`; rename it over `path` only if the block succeeds."""
@@ -31,6 +40,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; outputs get the usual umask permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -83,12 +93,46 @@ def append_jsonl(path, record: dict):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, default=_json_default) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        _lock(fd)
+        _drop_torn_tail(fd)
         os.write(fd, line)
         os.fsync(fd)
     finally:
-        os.close(fd)
+        os.close(fd)  # also releases the lock
+
+
+def _lock(fd: int):
+    """Serialise appenders in different processes (a no-op where flock does not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX)
+
+
+def _drop_torn_tail(fd: int):
+    """End the file with a newline before appending. A last line without one is either a record
+    written by hand (kept, newline added) or what a killed append left (cut: it is unreadable). Either
+    way the next record must not be glued onto it, which would corrupt the middle of the file."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return
+    end, chunk, line_start = size, 1 << 16, 0
+    while end > 0:
+        start = max(0, end - chunk)
+        nl = os.pread(fd, end - start, start).rfind(b"\n")
+        if nl >= 0:
+            line_start = start + nl + 1
+            break
+        end = start
+    try:
+        json.loads(os.pread(fd, size - line_start, line_start).decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        os.ftruncate(fd, line_start)
+    else:
+        os.write(fd, b"\n")
 
 
 # A field spec: name -> (type or tuple of types, required)
@@ -111,8 +155,8 @@ def read_jsonl(path, schema: Schema | None = None, *, tolerate_torn_tail: bool =
         try:
             rec = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            if tolerate_torn_tail and i >= n - 1 and not raw.endswith(b"}"):
-                break  # an interrupted append; everything before it is intact
+            if tolerate_torn_tail and i == n:
+                break  # no newline after it: an interrupted append; everything before it is intact
             raise InputError(f"malformed JSON ({e.__class__.__name__}: {getattr(e, 'msg', e)})",
                              path=path, line=i) from None
         if not isinstance(rec, dict):

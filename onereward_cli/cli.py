@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import InputError
@@ -249,14 +250,16 @@ def main(argv=None):
     try:
         app(args=argv)  # standalone: usage errors exit 2, success exits 0
     except InputError as e:
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # escape: a path or value like "data/[test]/x" is text, not rich markup
+        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
     except Exception as e:  # noqa: BLE001
         console.print_exception(show_locals=False, max_frames=8)
-        console.print(f"[red]unexpected failure:[/] {e.__class__.__name__}: {e}", highlight=False)
+        console.print(f"[red]unexpected failure:[/] {e.__class__.__name__}: {escape(str(e))}", highlight=False,
+                      soft_wrap=True)
         sys.exit(1)
 
 

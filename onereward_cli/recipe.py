@@ -67,6 +67,10 @@ class CurateConfig:
     kmeans_iters: int = 20
     # Cosine similarity above which two pool images count as duplicates (only one may be picked).
     dedup_threshold: float = 0.995
+    # hierarchical: a cluster whose quota exceeds this is split again (sqrt(quota) children).
+    leaf_quota: int = 64
+    # Multi-process runs: rank 0 gives up waiting for other ranks' shards after this long without one.
+    rank_timeout_s: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class MaskConfig:
     stroke_probability: float = 0.3
     extend_min_ratio: float = 1.25
     extend_max_ratio: float = 1.75
+    # Sides the canvas grows on, drawn uniformly per sample (left|right|up|down|horizontal|vertical|all).
+    extend_directions: tuple[str, ...] = ("left", "right", "up", "down", "horizontal", "vertical", "all")
     removal_dilate: int = 4
 
 
@@ -99,6 +105,8 @@ class PairsConfig:
     test_fraction: float = 0.2
     # "all" keeps every annotator's picks; "agree" keeps a (sample, dimension) only when all agree.
     agreement: str = "all"
+    # With agreement "agree": how many annotators must have labelled a (sample, dimension) to keep it.
+    min_annotators: int = 1
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,8 @@ class RewardConfig:
     normalise: str = "two_way"
     yes_token: str = "yes"
     no_token: str = "no"
+    # Pixel budget per image: images are resized (aspect kept, Qwen smart_resize) to at most
+    # image_size**2 pixels before the VLM (448 -> at most 256 visual tokens per image).
     image_size: int = 56
     batch_size: int = 8
     lr: float = 1e-4
@@ -120,6 +130,12 @@ class RewardConfig:
     lora: bool = False
     lora_rank: int = 8
     lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    # LoRA goes on these language-model projections only (the ViT has same-named MLP layers).
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    warmup_steps: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 1
     train_vision: bool = False
     train_merger: bool = True
     gradient_checkpointing: bool = False
@@ -167,6 +183,18 @@ class MetricsConfig:
     hpsv3: str = ""
     remove: str = ""
     oracle: bool = True
+    # Add a "(norm.)" column for metrics whose Table 2 scale is not the raw one (PickScore / 26,
+    # HPSv3 / 10; see onereward_cli/metrics/__init__.py NORMALISERS).
+    normalised: bool = False
+    # The PickScore authors' processor ("" = the checkpoint's own folder).
+    pickscore_processor: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    # open_clip architecture of a HPSv2 .safetensors checkpoint (ignored for an open_clip folder).
+    hpsv2_arch: str = "ViT-H-14"
+    # BERT tokenizer for ImageReward when its folder has none.
+    imagereward_tokenizer: str = "bert-base-uncased"
+    # Base model (config + processor) for HPSv3.safetensors, and its fixed pixel budget (256 * 28 * 28).
+    hpsv3_base: str = "Qwen/Qwen2-VL-7B-Instruct"
+    hpsv3_pixels: int = 200704
 
 
 @dataclass(frozen=True)
@@ -179,6 +207,9 @@ class EvalConfig:
     resolution: int = 64
     batch_size: int = 4
     gsb: bool = True
+    max_sequence_length: int = 512
+    # Rows per task in the report's image grid (source, mask, one column per policy).
+    grid_samples: int = 4
     metrics: MetricsConfig = MetricsConfig()
 
 
@@ -279,6 +310,11 @@ def _coerce(value, tp, key: str):
             raise InputError(f"expected an integer, got {value!r}", field=key)
         return value
     if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-6 (no dot) as a string: YAML 1.1 floats need one
+            try:
+                value = float(value) if math.isfinite(float(value)) else value
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"expected a number, got {value!r}", field=key)
         return float(value)
@@ -356,6 +392,11 @@ def validate(r: Recipe) -> Recipe:
                    "a prompt-free task cannot be judged on text alignment")
     _check(math.isclose(total, 1.0, abs_tol=1e-6), "tasks",
            f"task probabilities must sum to 1, got {total:g}")
+    y = r.synth
+    _check(y.n >= 1, "synth.n", "must be >= 1")
+    _check(y.size >= 16, "synth.size", "must be >= 16 pixels")
+    _check(1 <= y.min_objects <= y.max_objects, "synth.min_objects",
+           "need 1 <= min_objects <= max_objects (removal needs an object)")
     c = r.curate
     _check(c.select > 0, "curate.select", "must be positive")
     _check(c.mode in ("flat", "hierarchical"), "curate.mode", "must be flat or hierarchical")
@@ -364,6 +405,11 @@ def validate(r: Recipe) -> Recipe:
     _check(c.num_workers >= 0, "curate.num_workers", "must be >= 0")
     _check(c.shard_size > 0, "curate.shard_size", "must be positive")
     _check(0.0 < c.dedup_threshold <= 1.0, "curate.dedup_threshold", "must be in (0, 1]")
+    _check(c.min_size >= 1, "curate.min_size", "must be >= 1")
+    _check(c.coarse_clusters >= 0, "curate.coarse_clusters", "must be >= 0 (0 = sqrt(select))")
+    _check(c.kmeans_iters >= 1, "curate.kmeans_iters", "must be >= 1")
+    _check(c.leaf_quota >= 1, "curate.leaf_quota", "must be >= 1")
+    _check(c.rank_timeout_s > 0, "curate.rank_timeout_s", "must be positive")
     g = r.generate
     _check(g.candidates >= 2, "generate.candidates", "need at least 2 candidates to pick best and worst")
     _check(g.resolution > 0 and g.resolution % 16 == 0, "generate.resolution", "must be a positive multiple of 16")
@@ -378,6 +424,12 @@ def validate(r: Recipe) -> Recipe:
     _check(1 < m.extend_min_ratio <= m.extend_max_ratio, "generate.masks.extend_min_ratio",
            "need 1 < extend_min_ratio <= extend_max_ratio")
     _check(m.removal_dilate >= 0, "generate.masks.removal_dilate", "must be >= 0")
+    from .tasks import EXTEND_DIRECTIONS
+    _check(len(m.extend_directions) > 0 and all(d in EXTEND_DIRECTIONS for d in m.extend_directions),
+           "generate.masks.extend_directions", f"each must be one of {', '.join(EXTEND_DIRECTIONS)}")
+    _check(g.batch_size > 0, "generate.batch_size", "must be positive")
+    _check(g.max_sequence_length > 0, "generate.max_sequence_length", "must be positive")
+    _check(r.pairs.min_annotators >= 1, "pairs.min_annotators", "must be >= 1")
     _check(0 <= r.pairs.test_fraction < 1, "pairs.test_fraction", "must be in [0, 1)")
     _check(r.pairs.agreement in ("all", "agree"), "pairs.agreement", "must be all or agree")
     w = r.reward
@@ -390,6 +442,18 @@ def validate(r: Recipe) -> Recipe:
     _check(w.grad_accum >= 1, "reward.grad_accum", "must be >= 1")
     _check(w.mixed_precision in ("no", "bf16", "fp16"), "reward.mixed_precision", "must be no, bf16 or fp16")
     _check(w.epochs >= 1 or w.max_steps > 0, "reward.epochs", "must be >= 1 (or set reward.max_steps)")
+    _check(w.max_steps >= 0, "reward.max_steps", "must be >= 0 (0 = epochs decide)")
+    _check(w.eval_every >= 0 and w.save_every >= 0, "reward.eval_every", "must be >= 0 (0 = only at the end)")
+    _check(w.log_every >= 1, "reward.log_every", "must be >= 1")
+    _check(w.warmup_steps >= 0, "reward.warmup_steps", "must be >= 0")
+    _check(w.keep_checkpoints >= 1, "reward.keep_checkpoints", "must be >= 1")
+    _check(w.lora_rank >= 1 and w.lora_alpha > 0, "reward.lora_rank", "LoRA rank and alpha must be positive")
+    _check(0.0 <= w.lora_dropout < 1.0, "reward.lora_dropout", "must be in [0, 1)")
+    _check(len(w.lora_targets) > 0, "reward.lora_targets", "name at least one module")
+    _check(w.max_grad_norm >= 0, "reward.max_grad_norm", "must be >= 0 (0 = no clipping)")
+    _check(w.weight_decay >= 0, "reward.weight_decay", "must be >= 0")
+    _check(bool(w.yes_token) and bool(w.no_token) and w.yes_token != w.no_token, "reward.yes_token",
+           "yes and no tokens must be two different non-empty strings")
     q = r.rl
     _check(q.lr > 0, "rl.lr", "learning rate must be positive")
     _check(q.batch_size > 0, "rl.batch_size", "must be positive")
@@ -405,12 +469,18 @@ def validate(r: Recipe) -> Recipe:
     e = r.eval
     _check(e.steps >= 1, "eval.steps", "must be >= 1")
     _check(e.resolution > 0 and e.resolution % 16 == 0, "eval.resolution", "must be a positive multiple of 16")
+    _check(e.batch_size > 0, "eval.batch_size", "must be positive")
+    _check(e.guidance >= 0, "eval.guidance", "must be >= 0")
+    _check(e.true_cfg >= 1.0, "eval.true_cfg", "must be >= 1 (1 = no true CFG)")
+    _check(e.max_sequence_length > 0, "eval.max_sequence_length", "must be positive")
+    _check(e.grid_samples >= 0, "eval.grid_samples", "must be >= 0")
+    _check(e.metrics.hpsv3_pixels >= 28 * 28, "eval.metrics.hpsv3_pixels", "must be at least 784 (28 x 28)")
     return r
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
+    if p.suffix in (".yaml", ".yml") or p.is_file():  # a folder named like a bundled recipe is not one
         if not p.exists():
             raise InputError("recipe file not found", path=p)
         return p
@@ -459,6 +529,8 @@ def load_recipe(name_or_path: str = "tiny", overrides: list[str] | tuple[str, ..
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         raise InputError(f"invalid YAML: {getattr(e, 'problem', e)}", path=path,
                          line=None if line is None else line + 1) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read recipe ({e.__class__.__name__})", path=path) from None
     if not isinstance(data, dict):
         raise InputError("a recipe must be a mapping", path=path)
     parsed = [_parse_override(item) for item in overrides]
@@ -471,9 +543,13 @@ def load_recipe(name_or_path: str = "tiny", overrides: list[str] | tuple[str, ..
     except InputError as e:
         # Name the --set key that caused it, so "no.such.key" is reported whole.
         for k, _ in parsed:
-            if e.field and (k == e.field or k.startswith(e.field + ".")):
-                raise InputError(str(e).split(": ", 1)[-1] if e.field in str(e) else str(e),
-                                 field=f"--set {k}") from None
+            if not e.field:
+                break
+            message = str(e).split(": ", 1)[-1] if e.field in str(e) else str(e)
+            if k == e.field or k.startswith(e.field + "."):
+                raise InputError(message, field=f"--set {k}") from None
+            if e.field.startswith((k + ".", k + "[")):  # inside a section or list given by --set
+                raise InputError(message, field=f"--set {e.field}") from None
         if e.path is None:
             raise InputError(str(e), path=path) from None
         raise

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .artifacts import RunManifest, save_png, write_jsonl
+from .errors import InputError
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 180, 70), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -79,6 +80,8 @@ def make_image(rng: random.Random, size: int, n_objects: int):
 
 
 def run(recipe, out, n: int, seed: int):
+    if n < 1:
+        raise InputError(f"need at least 1 image, got {n}", field="--n")
     out = Path(out)
     man = RunManifest("synth", out, recipe, seed=seed)
     rng = random.Random(seed)
@@ -157,7 +160,11 @@ def _score_consistency(src, cand, mask, width=2):
 def _laplacian_energy(x: np.ndarray, region: np.ndarray) -> float:
     g = x.mean(-1)
     lap = np.abs(4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:])
-    r = region[1:-1, 1:-1]
+    # Only where the whole stencil is inside the region: at the border it would measure the seam with
+    # the untouched pixels (consistency's job) rather than the edit itself.
+    r = region[1:-1, 1:-1] & region[:-2, 1:-1] & region[2:, 1:-1] & region[1:-1, :-2] & region[1:-1, 2:]
+    if not r.any():  # a region too thin for the stencil: use all of it
+        r = region[1:-1, 1:-1]
     return float(lap[r].mean()) if r.any() else 0.0
 
 

@@ -46,28 +46,55 @@ def snap16(x: int) -> int:
     return max(16, int(round(x / 16)) * 16)
 
 
+def fit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """(W, H) with about resolution**2 pixels, the same aspect ratio, both multiples of 16."""
+    scale = resolution / math.sqrt(width * height)
+    return snap16(width * scale), snap16(height * scale)
+
+
+def is_prompt_free(task_cfg) -> bool:
+    return task_cfg.fixed_prompt is not None
+
+
 # ----------------------------------------------------------------------------------------------
 # Masks: uint8 arrays (H, W) with 255 = edit, 0 = keep.
 # ----------------------------------------------------------------------------------------------
-def load_user_mask(path, size: tuple[int, int], *, where=None) -> np.ndarray:
+def load_user_mask(path, size: tuple[int, int], *, where=None, line=None, on_resize=None) -> np.ndarray:
     """Read a user mask, binarise (white = edit), and resize with nearest-neighbour to `size` (W, H).
 
     A mask whose aspect ratio differs from the image's is an error; the same ratio at another size is
-    resized (the caller warns).
+    resized and `on_resize(mask_size, size)` is called so the caller can warn. Transparent pixels of a
+    mask with alpha count as black.
     """
     try:
         with Image.open(path) as im:
             im.load()
-            m = im.convert("L")
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+                m = Image.alpha_composite(black, rgba).convert("L")
+            else:
+                m = im.convert("L")
     except Exception as e:  # noqa: BLE001 - any decode failure is bad input
-        raise InputError(f"cannot read mask: {e.__class__.__name__}", path=where or path, field="mask") from None
+        raise InputError(f"cannot read mask {path} ({e.__class__.__name__})", path=where or path, line=line,
+                         field="mask") from None
     W, H = size
     if m.size != (W, H):
         if not math.isclose(m.size[0] / m.size[1], W / H, rel_tol=0.02):
             raise InputError(f"mask is {m.size[0]}x{m.size[1]} but the image is {W}x{H} "
-                             f"(different aspect ratio)", path=where or path, field="mask")
+                             f"(different aspect ratio)", path=where or path, line=line, field="mask")
+        if on_resize is not None:
+            on_resize(m.size, (W, H))
         m = m.resize((W, H), Image.NEAREST)
     return np.where(np.asarray(m) >= 128, 255, 0).astype(np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize to (W, H), binarised to {0, 255}."""
+    m = Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8))
+    if m.size != tuple(size):
+        m = m.resize(tuple(size), Image.NEAREST)
+    return np.asarray(m, dtype=np.uint8).copy()
 
 
 def random_fill_mask(size: tuple[int, int], rng: random.Random, min_frac=0.15, max_frac=0.5,
@@ -100,6 +127,24 @@ def random_fill_mask(size: tuple[int, int], rng: random.Random, min_frac=0.15, m
     return np.asarray(img, dtype=np.uint8).copy()
 
 
+EXTEND_DIRECTIONS = ("left", "right", "up", "down", "horizontal", "vertical", "all")
+
+
+def canvas_size(width: int, height: int, ratio: float, direction: str) -> tuple[int, int]:
+    """Size of the extended canvas: `ratio` times longer along `direction` (both axes for "all")."""
+    if direction not in EXTEND_DIRECTIONS:
+        raise InputError(f"unknown extend direction '{direction}'; one of {', '.join(EXTEND_DIRECTIONS)}",
+                         field="direction")
+    if not ratio > 1:
+        raise InputError(f"extend ratio must be > 1, got {ratio}", field="ratio")
+    # At least one new pixel, so a ratio just above 1 still leaves something to generate.
+    grow_w = direction in ("left", "right", "horizontal", "all")
+    grow_h = direction in ("up", "down", "vertical", "all")
+    cw = max(width + 1, int(round(width * ratio))) if grow_w else width
+    ch = max(height + 1, int(round(height * ratio))) if grow_h else height
+    return cw, ch
+
+
 def extend_canvas(source: Image.Image, ratio: float, direction: str, size: tuple[int, int] | None = None):
     """Place `source` on a canvas `ratio` times larger along `direction`; the new area is the mask.
 
@@ -107,22 +152,28 @@ def extend_canvas(source: Image.Image, ratio: float, direction: str, size: tuple
     snapped to multiples of 16 (or resized to `size` when given).
     """
     W, H = source.size
-    if direction in ("left", "right", "horizontal"):
-        cw, ch = int(round(W * ratio)), H
-    elif direction in ("up", "down", "vertical"):
-        cw, ch = W, int(round(H * ratio))
-    elif direction == "all":
-        cw, ch = int(round(W * ratio)), int(round(H * ratio))
-    else:
-        raise InputError(f"unknown extend direction '{direction}'", field="direction")
+    cw, ch = canvas_size(W, H, ratio, direction)
     x0 = {"left": cw - W, "right": 0}.get(direction, (cw - W) // 2)
     y0 = {"up": ch - H, "down": 0}.get(direction, (ch - H) // 2)
     canvas = Image.new("RGB", (cw, ch), (127, 127, 127))
     canvas.paste(source.convert("RGB"), (x0, y0))
-    mask = Image.new("L", (cw, ch), 255)
-    mask.paste(0, (x0, y0, x0 + W, y0 + H))
-    out = size or (snap16(cw), snap16(ch))
-    return canvas.resize(out, Image.BICUBIC), mask.resize(out, Image.NEAREST)
+    ow, oh = size or (snap16(cw), snap16(ch))
+    # The kept box is scaled rather than the mask resized, so a thin new strip cannot vanish: every
+    # side that grew keeps at least one edit pixel at the output size.
+    sx, sy = ow / cw, oh / ch
+    kx0, ky0 = round(x0 * sx), round(y0 * sy)
+    kx1, ky1 = round((x0 + W) * sx), round((y0 + H) * sy)
+    if x0 > 0:
+        kx0 = max(kx0, 1)
+    if x0 + W < cw:
+        kx1 = min(kx1, ow - 1)
+    if y0 > 0:
+        ky0 = max(ky0, 1)
+    if y0 + H < ch:
+        ky1 = min(ky1, oh - 1)
+    mask = Image.new("L", (ow, oh), 255)
+    mask.paste(0, (kx0, ky0, kx1, ky1))
+    return canvas.resize((ow, oh), Image.BICUBIC), mask
 
 
 def removal_mask(size: tuple[int, int], boxes=(), user_mask: np.ndarray | None = None, dilate: int = 4):
@@ -130,7 +181,10 @@ def removal_mask(size: tuple[int, int], boxes=(), user_mask: np.ndarray | None =
     W, H = size
     img = Image.new("L", (W, H), 0)
     if user_mask is not None:
-        img = Image.fromarray(user_mask)
+        # Any truthy pixel is an edit pixel (bool, 0/1 or 0/255 arrays); the result has the mask's size.
+        img = Image.fromarray(np.where(np.asarray(user_mask) > 0, 255, 0).astype(np.uint8))
+        if img.size != (W, H):
+            img = img.resize((W, H), Image.NEAREST)
     d = ImageDraw.Draw(img)
     for b in boxes:
         x0, y0, x1, y1 = b

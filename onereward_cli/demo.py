@@ -1,0 +1,158 @@
+"""`onereward demo`: the whole pipeline on the embedded default, through the same stage code the
+subcommands run, with every artifact under one folder and a summary at the end.
+
+tiny-models -> synth -> curate -> generate -> annotate --oracle -> export-pairs -> train-reward
+            -> rl (static, Alg. 1) -> rl --dynamic (Alg. 2) -> eval (base vs static vs dynamic)
+
+`--replicate` adds the miniature replication of the paper's two claims (see replicate.py).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from .artifacts import read_jsonl, strip_meta, write_jsonl
+
+console = Console(stderr=True)
+
+
+def _stage(name: str, timings: dict):
+    class _Ctx:
+        def __enter__(self):
+            console.rule(f"[bold cyan]{name}")
+            self.t = time.perf_counter()
+
+        def __exit__(self, *exc):
+            timings[name] = time.perf_counter() - self.t
+            if exc[0] is None:
+                console.print(f"[green]done[/] {name} in {timings[name]:.1f} s")
+            return False
+
+    return _Ctx()
+
+
+def write_benchmark(candidates_dir: Path, test_ids: set[str], out: Path) -> Path:
+    """Held-out triplets (the test split's samples) as a benchmark JSONL for `eval`."""
+    recs = []
+    for r in read_jsonl(candidates_dir / "candidates.jsonl"):
+        if r["id"] in test_ids:
+            recs.append({"id": r["id"], "task": r["task"], "prompt": r.get("user_prompt") or "",
+                         "source": str((candidates_dir / r["source"]).resolve()),
+                         "mask": str((candidates_dir / r["mask"]).resolve())})
+    write_jsonl(out, recs)
+    return out
+
+
+def write_conditions(candidates_dir: Path, keep_ids: set[str], out: Path) -> Path:
+    """Training conditions for RL: the train split's samples only (the test split stays held out)."""
+    recs = [strip_meta(r) for r in read_jsonl(candidates_dir / "candidates.jsonl") if r["id"] in keep_ids]
+    for r in recs:
+        r["source"] = str((candidates_dir / r["source"]).resolve())
+        r["mask"] = str((candidates_dir / r["mask"]).resolve())
+        r["prompt"] = r.get("user_prompt") or ""
+    write_jsonl(out, recs)
+    return out
+
+
+def run(recipe, out, replicate: bool = False):
+    from . import annotate, curate, evaluate, generate, pairs, rl, synth, train_reward
+    from .models.tiny import build_zoo
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with _stage("tiny-models", t):
+        zoo = build_zoo()
+        console.print(f"zoo: {zoo}")
+    with _stage("synth", t):
+        synth.run(recipe, out / "pool", n=recipe.synth.n, seed=recipe.seed)
+    with _stage("curate", t):
+        curate.run(recipe, out / "pool" / "manifest.jsonl", out / "curated", select=recipe.curate.select)
+    with _stage("generate", t):
+        generate.run(recipe, out / "curated" / "curated.jsonl", out / "candidates",
+                     candidates=recipe.generate.candidates, limit=0)
+    with _stage("annotate --oracle", t):
+        annotate.annotate_with_oracle(recipe, out / "candidates", out / "candidates" / "annotations.jsonl")
+    with _stage("export-pairs", t):
+        pairs.run(recipe, out / "candidates" / "annotations.jsonl", out / "data",
+                  test_fraction=recipe.pairs.test_fraction)
+    pairs_dir = out / "data" / "pairs"
+    test_ids = {r["sample_id"] for r in read_jsonl(pairs_dir / "test.jsonl")}
+    train_ids = {r["sample_id"] for r in read_jsonl(pairs_dir / "train.jsonl")}
+    with _stage("train-reward", t):
+        train_reward.run(recipe, pairs_dir, out / "reward", resume=False)
+    reward_model = str(out / "reward" / "final")
+    conds = write_conditions(out / "candidates", train_ids, out / "data" / "rl_conditions.jsonl")
+    bench = write_benchmark(out / "candidates", test_ids, out / "data" / "benchmark.jsonl")
+    with _stage("rl (static, Alg. 1)", t):
+        rl.run(recipe, conds, out / "rl-static", reward_model=reward_model, dynamic=False, heldout=bench)
+    with _stage("rl --dynamic (Alg. 2)", t):
+        rl.run(recipe, conds, out / "rl-dynamic", reward_model=reward_model, dynamic=True, heldout=bench)
+    with _stage("eval", t):
+        evaluate.run(recipe, policy=str(out / "rl-static" / "policy"), benchmark=bench, out=out / "eval",
+                     compare=[recipe.models.policy, str(out / "rl-dynamic" / "policy")],
+                     reward_model=reward_model, human=None)
+    if replicate:
+        from . import replicate as rep
+
+        with _stage("replicate", t):
+            rep.run(recipe, out, pairs_dir=pairs_dir, conditions=conds, benchmark=bench)
+    t["total"] = time.perf_counter() - t0
+    summarise(out, t)
+    return out
+
+
+def summarise(out: Path, timings: dict):
+    tab = Table(title="onereward demo: what each stage produced", show_lines=False)
+    tab.add_column("stage")
+    tab.add_column("seconds", justify="right")
+    tab.add_column("output")
+    produced = {
+        "tiny-models": "offline tiny zoo (FLUX Fill, Qwen2.5-VL, open_clip)",
+        "synth": f"{out}/pool/manifest.jsonl",
+        "curate": f"{out}/curated/curated.jsonl",
+        "generate": f"{out}/candidates/candidates.jsonl",
+        "annotate --oracle": f"{out}/candidates/annotations.jsonl",
+        "export-pairs": f"{out}/data/pairs/{{train,test}}.jsonl",
+        "train-reward": f"{out}/reward/final (+ accuracy.json, accuracy.png)",
+        "rl (static, Alg. 1)": f"{out}/rl-static/{{policy,ema}} + reward_curves.png",
+        "rl --dynamic (Alg. 2)": f"{out}/rl-dynamic/{{policy,ema}} + reward_curves.png",
+        "eval": f"{out}/eval/report.html",
+        "replicate": f"{out}/replicate/replication.md",
+    }
+    for k, v in timings.items():
+        if k != "total":
+            tab.add_row(k, f"{v:.1f}", produced.get(k, ""))
+    tab.add_row("[bold]total", f"[bold]{timings['total']:.1f}", "")
+    console.print(tab)
+    acc = out / "reward" / "accuracy.json"
+    if acc.exists():
+        console.print(Panel(_accuracy_text(json.loads(acc.read_text())), title="reward model accuracy (test pairs)"))
+    for name in ("rl-static", "rl-dynamic"):
+        log = out / name / "log.jsonl"
+        if log.exists():
+            recs = read_jsonl(log, tolerate_torn_tail=True)
+            if recs:
+                k = max(1, len(recs) // 4)
+                first = sum(r["mean_reward"] for r in recs[:k]) / k
+                last = sum(r["mean_reward"] for r in recs[-k:]) / k
+                console.print(f"{name}: mean reward first {k} steps {first:.3f} -> last {k} steps {last:.3f}; "
+                              f"curves: {out / name / 'reward_curves.png'}")
+    rep = out / "eval" / "report.html"
+    if rep.exists():
+        console.print(f"eval report: {rep}")
+
+
+def _accuracy_text(acc: dict) -> str:
+    rows = acc.get("rows") or []
+    lines = []
+    for r in rows:
+        lines.append(f"{r.get('task', '?'):>18} | {r.get('dimension', '?'):<16} | acc {r.get('accuracy', float('nan')):.2f}"
+                     f" | sym {r.get('symmetric_accuracy', float('nan')):.2f} | n {r.get('n', 0)}")
+    return "\n".join(lines) or json.dumps(acc)[:800]

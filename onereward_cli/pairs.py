@@ -1,0 +1,165 @@
+"""`onereward export-pairs`: best/worst picks -> winner/loser pairs, split by sample (paper §4.2-4.3).
+
+Each (sample, dimension, annotator) pick {"best": i, "worst": j} becomes one pair: winner = candidate
+i, loser = candidate j. "no difference" yields no pair (the paper discards the dimension). When an
+annotator labelled the same sample twice, the later record wins. With `pairs.agreement: agree` a
+(sample, dimension) is kept only when at least `pairs.min_annotators` annotators labelled it and all of
+them gave the same pick (one pair, annotators joined with ","); "no difference" counts as a label.
+
+The train/test split is by sample, stratified by task and seeded by the recipe seed, so no sample's
+images appear on both sides.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+from .artifacts import RunManifest, read_jsonl, write_jsonl
+from .errors import InputError
+
+ANNOTATIONS = "annotations.jsonl"
+CANDIDATES = "candidates.jsonl"
+NO_DIFFERENCE = "no difference"
+
+ANNOTATION_SCHEMA = {"sample_id": ((str, int), True), "annotator": (str, True), "task": (str, True),
+                     "labels": (dict, True)}
+CANDIDATES_SCHEMA = {"id": ((str, int), True), "task": (str, True), "source": (str, True), "mask": (str, True),
+                     "candidates": (list, True)}
+
+
+def resolve_inputs(annotations) -> tuple[Path, Path]:
+    """(annotations.jsonl, candidates.jsonl) from either the annotations file or the candidates folder."""
+    p = Path(annotations)
+    if p.is_dir():
+        p = p / ANNOTATIONS
+    if not p.exists():
+        raise InputError("annotations file not found (run `onereward annotate` first)", path=p)
+    cands = p.parent / CANDIDATES
+    if not cands.exists():
+        raise InputError(f"no {CANDIDATES} beside the annotations (it must be the `generate` output folder)",
+                         path=p.parent)
+    return p, cands
+
+
+def _check_label(value, dim: str, n: int, where, line):
+    field = f"labels.{dim}"
+    if value == NO_DIFFERENCE:
+        return None
+    if not isinstance(value, dict) or set(value) != {"best", "worst"}:
+        raise InputError(f'expected {{"best": i, "worst": j}} or "{NO_DIFFERENCE}", got {value!r}', path=where,
+                         line=line, field=field)
+    for k in ("best", "worst"):
+        v = value[k]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InputError(f"expected a candidate index, got {v!r}", path=where, line=line, field=f"{field}.{k}")
+        if not 0 <= v < n:
+            raise InputError(f"candidate index {v} out of range (sample has {n} candidates: 0..{n - 1})",
+                             path=where, line=line, field=f"{field}.{k}")
+    if value["best"] == value["worst"]:
+        raise InputError(f"best and worst are the same candidate ({value['best']})", path=where, line=line,
+                         field=field)
+    return value["best"], value["worst"]
+
+
+def load_labels(recipe, ann_path: Path, samples: dict[str, dict]) -> dict:
+    """{(sample_id, dimension): {annotator: (best, worst) | None}}, validated; later records win."""
+    latest: dict[tuple[str, str], dict] = {}
+    for rec in read_jsonl(ann_path, ANNOTATION_SCHEMA, tolerate_torn_tail=True):
+        line, sid = rec["_line"], str(rec["sample_id"])
+        if sid not in samples:
+            raise InputError(f"unknown sample id '{sid}' (not in {CANDIDATES})", path=ann_path, line=line,
+                             field="sample_id")
+        s = samples[sid]
+        if rec["task"] != s["task"]:
+            raise InputError(f"task '{rec['task']}' but the sample's task is '{s['task']}'", path=ann_path,
+                             line=line, field="task")
+        if s["task"] not in recipe.tasks:
+            raise InputError(f"task '{s['task']}' is not in the recipe", path=ann_path, line=line, field="task")
+        dims = recipe.tasks[s["task"]].dimensions
+        n = len(s["candidates"])
+        picks = {}
+        for dim, value in rec["labels"].items():
+            if dim not in dims:
+                raise InputError(f"'{dim}' is not a dimension of task '{s['task']}' ({', '.join(dims)})",
+                                 path=ann_path, line=line, field=f"labels.{dim}")
+            picks[dim] = _check_label(value, dim, n, ann_path, line)
+        latest[(sid, rec["annotator"])] = picks  # a newer record from the same annotator replaces the older
+    out: dict[tuple[str, str], dict[str, tuple | None]] = {}
+    for (sid, annotator), picks in latest.items():
+        for dim, pick in picks.items():
+            out.setdefault((sid, dim), {})[annotator] = pick
+    return out
+
+
+def make_pairs(recipe, labels: dict, samples: dict[str, dict], cand_dir: Path, pairs_dir: Path) -> list[dict]:
+    mode, need = recipe.pairs.agreement, recipe.pairs.min_annotators
+    rel = lambda p: os.path.relpath(cand_dir / p, pairs_dir)  # noqa: E731
+    pairs = []
+    for (sid, dim), by in sorted(labels.items()):
+        s = samples[sid]
+        if mode == "agree":
+            picks = set(by.values())
+            if len(by) < need or len(picks) != 1 or None in picks:
+                continue
+            chosen = [(",".join(sorted(by)), next(iter(picks)))]
+        else:
+            chosen = [(a, p) for a, p in sorted(by.items()) if p is not None]
+        for annotator, (best, worst) in chosen:
+            cands = s["candidates"]
+            pairs.append({"sample_id": sid, "task": s["task"], "dimension": dim, "prompt": s.get("user_prompt") or "",
+                          "winner": rel(cands[best]["path"]), "loser": rel(cands[worst]["path"]),
+                          "source": rel(s["source"]), "mask": rel(s["mask"]), "annotator": annotator})
+    return pairs
+
+
+def split_samples(sample_tasks: dict[str, str], test_fraction: float, seed: int) -> set[str]:
+    """Test sample ids: a seeded shuffle per task, round(f * n) of each (at least 1 when f > 0, n >= 2)."""
+    test = set()
+    for task in sorted(set(sample_tasks.values())):
+        ids = sorted(s for s, t in sample_tasks.items() if t == task)
+        random.Random(f"{seed}:split:{task}").shuffle(ids)
+        k = int(round(test_fraction * len(ids)))
+        if test_fraction > 0 and k == 0 and len(ids) >= 2:
+            k = 1
+        test.update(ids[:k])
+    return test
+
+
+def run(recipe, annotations, out, test_fraction: float):
+    from rich.console import Console
+    from rich.table import Table
+
+    if not 0 <= test_fraction < 1:
+        raise InputError(f"must be in [0, 1), got {test_fraction}", field="--test-fraction")
+    ann_path, cand_path = resolve_inputs(annotations)
+    samples = {str(r["id"]): r for r in read_jsonl(cand_path, CANDIDATES_SCHEMA, tolerate_torn_tail=True)}
+    labels = load_labels(recipe, ann_path, samples)
+    out = Path(out)
+    pairs_dir = out / "pairs"
+    man = RunManifest("export-pairs", out, recipe, inputs={"annotations": ann_path, "candidates": cand_path})
+    pairs = make_pairs(recipe, labels, samples, cand_path.parent.resolve(), pairs_dir.resolve())
+    test_ids = split_samples({p["sample_id"]: p["task"] for p in pairs}, test_fraction, recipe.seed)
+    train = [p for p in pairs if p["sample_id"] not in test_ids]
+    test = [p for p in pairs if p["sample_id"] in test_ids]
+    write_jsonl(pairs_dir / "train.jsonl", train)
+    write_jsonl(pairs_dir / "test.jsonl", test)
+
+    counts: dict[tuple[str, str], list[int]] = {}
+    for split, rows in ((0, train), (1, test)):
+        for p in rows:
+            counts.setdefault((p["task"], p["dimension"]), [0, 0])[split] += 1
+    table = Table(title=f"pairs ({recipe.pairs.agreement})")
+    for col in ("task", "dimension", "train", "test"):
+        table.add_column(col, justify="right" if col in ("train", "test") else "left")
+    for (task, dim), (a, b) in sorted(counts.items()):
+        table.add_row(task, dim, str(a), str(b))
+    table.add_row("[bold]total", "", f"[bold]{len(train)}", f"[bold]{len(test)}")
+    Console(stderr=True).print(table)
+
+    man.count(pairs_train=len(train), pairs_test=len(test), samples_labelled=len({s for s, _ in labels}),
+              samples_train=len({p["sample_id"] for p in train}), samples_test=len(test_ids),
+              per_task_dimension={f"{t}/{d}": {"train": a, "test": b} for (t, d), (a, b) in sorted(counts.items())})
+    man.set(agreement=recipe.pairs.agreement, test_fraction=test_fraction)
+    man.write()
+    return pairs_dir

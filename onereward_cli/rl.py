@@ -1,0 +1,679 @@
+"""`onereward rl`: multi-task reward feedback learning (paper §4.4-4.5, Alg. 1 and Alg. 2).
+
+One iteration, per sample of the batch (Alg. 1 lines 4-13):
+  task k ~ p_k, condition c ~ D_k; noises eps_1, eps_2; t ~ U{t1..t2}
+  x_ref   = vae_decode(pi_ref full rollout from eps_1)                 (no grad)
+  x_t     = pi_theta rollout from eps_2 down to step t                 (no grad)
+  x_theta = vae_decode(x_t - sigma_t * v_theta(x_t))                   (grad: one transformer call + decode)
+  J       = mean_{e in E_k} max(0, lambda - P(yes | x_theta, x_ref, q_e))   (eq. 5)
+then an optimizer step on theta and pi_ema <- tau pi_ema + (1 - tau) pi_theta.
+Static (Alg. 1): pi_ref is the initial model (with LoRA: the base with adapters disabled, no copy).
+Dynamic (Alg. 2, --dynamic): pi_ref is the EMA model; no separate frozen reference exists.
+
+Exact resume: every random draw of step s comes from generators seeded by (seed, s, rank), so a
+checkpoint only needs weights, EMA, optimizer, scheduler and the step counter.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .artifacts import (RunManifest, append_jsonl, load_tensors, open_image, read_jsonl, save_tensors,
+                        write_json)
+from .errors import InputError
+from .tasks import TASK_KEYS, check_mask, task_prompt
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+                "proj_mlp", "proj_out"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the task-specific condition sets D_k
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Condition:
+    id: str
+    task: str
+    prompt: str  # what the generator sees (fixed prompt for prompt-free tasks)
+    user_prompt: str  # what the reward's text-alignment query quotes
+    image: torch.Tensor  # (3, H, W) in [0, 1]
+    mask: torch.Tensor  # (1, H, W) in {0, 1}
+
+
+def _resolve_data_file(data: Path) -> Path:
+    data = Path(data)
+    if data.is_dir():
+        for name in ("candidates.jsonl", "triplets.jsonl", "benchmark.jsonl"):
+            if (data / name).exists():
+                return data / name
+        raise InputError("folder holds no candidates.jsonl (run `onereward generate` first) or triplets.jsonl",
+                         path=data)
+    return data
+
+
+def load_conditions(recipe, data) -> list[Condition]:
+    """Read a generate output (candidates.jsonl) or a JSONL of triplets (id, source, mask, prompt, task)."""
+    from PIL import Image
+    import numpy as np
+
+    f = _resolve_data_file(data)
+    schema = {"id": ((str, int), True), "task": (str, True), "source": (str, True), "mask": (str, True)}
+    recs = read_jsonl(f, schema)
+    if not recs:
+        raise InputError("no conditions", path=f)
+    res = recipe.rl.resolution
+    seen, out = set(), []
+    for rec in recs:
+        line = rec["_line"]
+        sid = str(rec["id"])
+        if sid in seen:
+            raise InputError(f"duplicate sample id '{sid}'", path=f, line=line, field="id")
+        seen.add(sid)
+        task = rec["task"]
+        if task not in TASK_KEYS:
+            raise InputError(f"unknown task '{task}'", path=f, line=line, field="task")
+        if task not in recipe.tasks:
+            continue  # the recipe does not train this task
+        user_prompt = rec.get("user_prompt", rec.get("prompt")) or ""
+        tcfg = recipe.tasks[task]
+        if tcfg.fixed_prompt is None and not user_prompt.strip():
+            raise InputError(f"task '{task}' needs a prompt", path=f, line=line, field="prompt")
+        img = open_image(f.parent / rec["source"], where=f, line=line, field="source")
+        msk = open_image(f.parent / rec["mask"], mode="L", where=f, line=line, field="mask")
+        if msk.size != img.size:
+            raise InputError(f"mask is {msk.size[0]}x{msk.size[1]}, image is {img.size[0]}x{img.size[1]}",
+                             path=f, line=line, field="mask")
+        m = np.asarray(msk.resize((res, res), Image.NEAREST)) >= 128
+        check_mask(m.astype(np.uint8), task, path=f, line=line)
+        x = torch.from_numpy(np.asarray(img.resize((res, res), Image.BICUBIC), dtype=np.float32) / 255.0)
+        out.append(Condition(sid, task, task_prompt(tcfg, user_prompt), user_prompt if tcfg.fixed_prompt is None else "",
+                             x.permute(2, 0, 1).contiguous(), torch.from_numpy(m.astype(np.float32))[None]))
+    if not out:
+        raise InputError("no condition belongs to a task of the recipe", path=f)
+    return out
+
+
+def task_distribution(recipe, by_task: dict[str, list[int]]):
+    """p_k over the tasks that have data, renormalised (a task without data cannot be sampled)."""
+    keys = [k for k, t in recipe.tasks.items() if t.probability > 0 and by_task.get(k)]
+    if not keys:
+        raise InputError("no condition belongs to a task with positive probability", field="tasks")
+    z = sum(recipe.tasks[k].probability for k in keys)
+    return keys, [recipe.tasks[k].probability / z for k in keys]
+
+
+def step_rng(seed: int, step: int, rank: int = 0) -> tuple[random.Random, torch.Generator]:
+    """All randomness of one step derives from (seed, step, rank): resume needs no RNG state."""
+    s = (seed * 1_000_003 + step * 9_176 + rank * 7_919_111) % (2**63 - 1)
+    return random.Random(s), torch.Generator().manual_seed(s)
+
+
+def sample_batch(recipe, conds, by_task, step: int, rank: int = 0):
+    """Alg. 1 lines 4-6: tasks by p_k, conditions uniformly within D_k, a stop step t in [t1, t2]."""
+    rng, gen = step_rng(recipe.seed, step, rank)
+    keys, probs = task_distribution(recipe, by_task)
+    idx = []
+    for _ in range(recipe.rl.batch_size):
+        k = rng.choices(keys, weights=probs, k=1)[0]
+        idx.append(rng.choice(by_task[k]))
+    t = rng.randint(recipe.rl.t1, recipe.rl.t2)
+    return idx, t, gen
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss (eq. 5) and EMA
+# ----------------------------------------------------------------------------------------------
+def refl_loss(p_yes: list[torch.Tensor], lam: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Eq. 5 averaged over each sample's dimensions (Alg. 1 line 13), then over the batch."""
+    per_sample = [F.relu(lam - p).mean() for p in p_yes]
+    return torch.stack(per_sample).mean(), per_sample
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor], tau: float):
+    """pi_ema <- tau * pi_ema + (1 - tau) * pi_theta (Alg. 1 line 14)."""
+    for k, p in params.items():
+        ema[k].mul_(tau).add_(p.detach().to(ema[k].dtype), alpha=1.0 - tau)
+
+
+# ----------------------------------------------------------------------------------------------
+# The policy: LoRA adapters (default) or the full transformer
+# ----------------------------------------------------------------------------------------------
+class Policy:
+    """Owns the trainable transformer, its EMA and the reference rollout weights.
+
+    LoRA: reference = the same transformer with adapters disabled (static) or with the EMA adapter
+    weights swapped in (dynamic); the EMA covers only adapter weights. Full: the reference is a frozen
+    copy (static) or the EMA copy itself (dynamic).
+    """
+
+    def __init__(self, transformer, rl_cfg, dynamic: bool, seed: int = 0):
+        self.cfg, self.dynamic = rl_cfg, dynamic
+        self.transformer = transformer
+        self.lora = rl_cfg.lora
+        if self.lora:
+            from peft import LoraConfig
+
+            present = {n.rsplit(".", 1)[-1] for n, _ in transformer.named_modules()}
+            names = [t for t in LORA_TARGETS if t.split(".")[-1] in present or "." in t]
+            transformer.requires_grad_(False)
+            with torch.random.fork_rng(devices=[]):  # the adapter init is a function of the recipe seed
+                torch.manual_seed(seed)
+                transformer.add_adapter(LoraConfig(r=rl_cfg.lora_rank, lora_alpha=rl_cfg.lora_alpha,
+                                                   init_lora_weights="gaussian", target_modules=names))
+            for p in transformer.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()  # fp32 master weights for the small LoRA gradients
+        else:
+            transformer.requires_grad_(True)
+        self.trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+        self.ema = {n: p.detach().clone().float() for n, p in self.trainable.items()}
+        self.reference = None
+        if not self.lora and not dynamic:
+            self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+
+    def reference_transformer(self):
+        """A context manager yielding the transformer that plays pi_ref for this step."""
+        import contextlib
+
+        pol = self
+
+        @contextlib.contextmanager
+        def ctx():
+            if pol.lora and not pol.dynamic:
+                pol.transformer.disable_adapters()
+                try:
+                    yield pol.transformer
+                finally:
+                    pol.transformer.enable_adapters()
+            elif pol.dynamic:
+                with pol.swapped_in_ema():
+                    yield pol.transformer
+            else:
+                yield pol.reference
+
+        return ctx()
+
+    def swapped_in_ema(self):
+        """Temporarily load the EMA weights into the trainable parameters (no extra model copy)."""
+        import contextlib
+
+        pol = self
+
+        @contextlib.contextmanager
+        def ctx():
+            stash = {n: p.detach().clone() for n, p in pol.trainable.items()}
+            with torch.no_grad():
+                for n, p in pol.trainable.items():
+                    p.copy_(pol.ema[n].to(p.dtype))
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for n, p in pol.trainable.items():
+                        p.copy_(stash[n])
+
+        return ctx()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.trainable.items()}
+
+    def load_state_tensors(self, params: dict, ema: dict):
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(params[n])
+                self.ema[n].copy_(ema[n])
+        if self.reference is not None:  # static full fine-tune: the reference never changes
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving outputs FluxFillPipeline can load directly
+# ----------------------------------------------------------------------------------------------
+def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool):
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if lora:
+        from peft.utils import get_peft_model_state_dict
+
+        pipe_cls.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                   safe_serialization=True)
+    else:
+        transformer.save_pretrained(tmp, safe_serialization=True)
+    write_json(tmp / "onereward_policy.json", {"base": base, "kind": "lora" if lora else "transformer"})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: safetensors for tensors, JSON for the rest; nothing pickled
+# ----------------------------------------------------------------------------------------------
+def _optimizer_tensors(opt) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state_keys": {}}
+    for idx, st in sd["state"].items():
+        meta["state_keys"][str(idx)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v
+                meta["state_keys"][str(idx)][k] = "tensor"
+            else:
+                meta["state_keys"][str(idx)][k] = v
+    return tensors, meta
+
+
+def _load_optimizer(opt, tensors: dict, meta: dict):
+    state = {}
+    for idx, keys in meta["state_keys"].items():
+        state[int(idx)] = {k: (tensors[f"{idx}.{k}"] if v == "tensor" else v) for k, v in keys.items()}
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: dict):
+    ck = out / "checkpoints" / f"step-{step:06d}"
+    tmp = ck.with_name(f".{ck.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_tensors(tmp / "policy.safetensors", policy.state_tensors())
+    save_tensors(tmp / "ema.safetensors", policy.ema)
+    ot, ometa = _optimizer_tensors(opt)
+    save_tensors(tmp / "optimizer.safetensors", ot or {"_empty": torch.zeros(1)})
+    save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
+    write_json(tmp / "state.json", {"step": step, "optimizer": ometa, "scheduler": sched.state_dict(),
+                                    "counters": counters})
+    shutil.rmtree(ck, ignore_errors=True)
+    tmp.rename(ck)
+    write_json(out / "checkpoints" / "latest.json", {"step": step, "path": ck.name})
+    return ck
+
+
+def load_checkpoint(out: Path, policy: Policy, opt, sched) -> tuple[int, dict]:
+    latest = out / "checkpoints" / "latest.json"
+    if not latest.exists():
+        raise InputError("--resume: no checkpoint found", path=out / "checkpoints")
+    info = json.loads(latest.read_text())
+    ck = out / "checkpoints" / info["path"]
+    state = json.loads((ck / "state.json").read_text())
+    policy.load_state_tensors(load_tensors(ck / "policy.safetensors"), load_tensors(ck / "ema.safetensors"))
+    _load_optimizer(opt, load_tensors(ck / "optimizer.safetensors"), state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(load_tensors(ck / "rng.safetensors")["torch"])
+    return int(state["step"]), state.get("counters", {})
+
+
+# ----------------------------------------------------------------------------------------------
+# Plot (paper Fig. 4)
+# ----------------------------------------------------------------------------------------------
+TASK_COLOURS = {"fill": "tab:blue", "extend": "tab:green", "extend_no_prompt": "tab:olive", "removal": "tab:orange"}
+
+
+def plot_reward_curves(log_path: Path, png: Path, window: int = 5):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_jsonl(log_path, tolerate_torn_tail=True)
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for r in recs:
+        for key, v in r.get("rewards", {}).items():
+            task, dim = key.split("/", 1)
+            series.setdefault((task, dim), []).append((r["step"], v))
+    if not series:
+        return None
+    dims = sorted({d for _, d in series})
+    fig, axes = plt.subplots(1, len(dims), figsize=(3.2 * len(dims), 2.8), squeeze=False)
+    for ax, dim in zip(axes[0], dims):
+        for (task, d), pts in sorted(series.items()):
+            if d != dim:
+                continue
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            sm = [sum(ys[max(0, i - window + 1): i + 1]) / len(ys[max(0, i - window + 1): i + 1]) for i in range(len(ys))]
+            ax.plot(xs, sm, color=TASK_COLOURS.get(task, None), label=task)
+        ax.set_title(dim, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel("P(yes | policy, ref)", fontsize=8)
+    fig.tight_layout()
+    from .artifacts import atomic_path
+
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return png
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------
+def _device(recipe):
+    if recipe.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return recipe.device
+
+
+def _dtype(recipe):
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.dtype]
+
+
+def stack_conditions(conds, idx, device, dtype):
+    images = torch.stack([conds[i].image for i in idx]).to(device, dtype)
+    masks = torch.stack([conds[i].mask for i in idx]).to(device, dtype)
+    return images, masks
+
+
+class Trainer:
+    """Holds everything one RL run needs; `step()` is Alg. 1 lines 4-14 for one batch."""
+
+    def __init__(self, recipe, conds, reward_spec: str, dynamic: bool, accelerator=None, log=print):
+        from . import rollout
+        from .models.flux_fill import load_fill_pipeline
+        from .reward import RewardScorer, build_query
+
+        self.r, self.cfg, self.dynamic, self.log = recipe, recipe.rl, dynamic, log
+        self.rollout, self.build_query = rollout, build_query
+        self.acc = accelerator
+        self.device = accelerator.device if accelerator is not None else torch.device(_device(recipe))
+        self.dtype = _dtype(recipe)
+        self.conds = conds
+        self.by_task: dict[str, list[int]] = {}
+        for i, c in enumerate(conds):
+            self.by_task.setdefault(c.task, []).append(i)
+        self.pipe = load_fill_pipeline(recipe.models.policy, device=self.device, dtype=self.dtype)
+        # Text embeddings once, then drop the text encoders: they are not needed again.
+        prompts = sorted({c.prompt for c in conds})
+        emb = rollout.encode_prompts(self.pipe, prompts, max_sequence_length=self.cfg.max_sequence_length,
+                                     device=self.device)
+        self.prompt_index = {p: i for i, p in enumerate(prompts)}
+        self.embeds = emb
+        self.neg = None
+        if self.cfg.true_cfg > 1.0:
+            self.neg = rollout.encode_prompts(self.pipe, [self.cfg.negative_prompt],
+                                              max_sequence_length=self.cfg.max_sequence_length, device=self.device)
+        self.pipe.text_encoder = self.pipe.text_encoder_2 = None
+        self.pipe.vae.requires_grad_(False)
+        if self.cfg.gradient_checkpointing:
+            self.pipe.transformer.enable_gradient_checkpointing()
+            self.pipe.vae.enable_gradient_checkpointing()
+        self.policy = Policy(self.pipe.transformer, self.cfg, dynamic, seed=recipe.seed)
+        self.scorer = RewardScorer.load(reward_spec, recipe.reward, device=self.device, dtype=self.dtype)
+        self.params = list(self.policy.trainable.values())
+        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / 1.0))
+        self.ref_cache: dict[int, torch.Tensor] = {}
+        self.sigmas = rollout.make_sigmas(self.pipe, self.cfg.rollout_steps, self.cfg.resolution, self.cfg.resolution)
+        self.timers: dict[str, float] = {}
+
+    # -- pieces ------------------------------------------------------------------------------
+    def _embeds(self, idx):
+        return self.embeds.select([self.prompt_index[self.conds[i].prompt] for i in idx])
+
+    def _neg(self, n):
+        return None if self.neg is None else self.neg.select([0] * n)
+
+    def _timed(self, name):
+        import contextlib
+
+        trainer = self
+
+        @contextlib.contextmanager
+        def ctx():
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            yield
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize()
+            trainer.timers[name] = trainer.timers.get(name, 0.0) + time.perf_counter() - t
+
+        return ctx()
+
+    def _noise(self, n, gen):
+        res = self.cfg.resolution
+        return self.rollout.initial_latents(self.pipe, n, res, res, gen, self.device, self.dtype)
+
+    @torch.no_grad()
+    def _reference_rollout(self, cond, emb, eps):
+        with self._timed("reference_rollout"), self.policy.reference_transformer() as ref:
+            lat = self.rollout.denoise(ref, eps, cond, emb, self.sigmas, 0, len(self.sigmas) - 1,
+                                       guidance=self.cfg.guidance, true_cfg=self.cfg.true_cfg,
+                                       neg_embeds=self._neg(eps.shape[0]))
+            return self.rollout.decode(self.pipe, lat, self.cfg.resolution, self.cfg.resolution)
+
+    @torch.no_grad()
+    def reference_images(self, idx, cond, gen_ref):
+        """x_ref for each sample (Alg. 1 line 7).
+
+        Static mode with rl.cache_reference: x_ref is a function of (c, eps_1) alone, so eps_1 and the
+        VAE sample of the condition are drawn from a generator seeded by the condition, each one is
+        rolled out on its own (batch-size independent numerics) and reused in later epochs.
+        """
+        if not (self.cfg.cache_reference and not self.dynamic):
+            return self._reference_rollout(cond, self._embeds(idx), self._noise(len(idx), gen_ref))
+        for i in idx:
+            if i not in self.ref_cache:
+                g = torch.Generator().manual_seed(self.r.seed * 7_777 + i)
+                image, mask = stack_conditions(self.conds, [i], self.device, self.dtype)
+                c1 = self.rollout.prepare_condition(self.pipe, image, mask, generator=g)
+                self.ref_cache[i] = self._reference_rollout(c1, self._embeds([i]), self._noise(1, g))[0]
+        return torch.stack([self.ref_cache[i] for i in idx])
+
+    def policy_images(self, idx, cond, t, gen_pol):
+        """x_theta: no-grad rollout to step t, then one step with grad predicting x0, decoded with grad."""
+        tr = self.policy.transformer
+        emb = self._embeds(idx)
+        eps = self._noise(len(idx), gen_pol)
+        with self._timed("policy_rollout"):
+            with torch.no_grad():
+                x_t = self.rollout.denoise(tr, eps, cond, emb, self.sigmas, 0, t, guidance=self.cfg.guidance,
+                                           true_cfg=self.cfg.true_cfg, neg_embeds=self._neg(len(idx)))
+            sigma = self.sigmas[t]
+            v = self.rollout.velocity(tr, x_t.detach(), cond, emb, sigma, guidance=self.cfg.guidance,
+                                      true_cfg=self.cfg.true_cfg, neg_embeds=self._neg(len(idx)))
+            x0 = self.rollout.predict_x0(x_t.detach(), v, sigma)
+        with self._timed("decode"):
+            return self.rollout.decode(self.pipe, x0, self.cfg.resolution, self.cfg.resolution)
+
+    def queries(self, idx):
+        out = []
+        for i in idx:
+            c = self.conds[i]
+            tcfg = self.r.tasks[c.task]
+            out.append([self.build_query(tcfg, d, c.user_prompt, self.r.reward.query_mode, self.r.reward.bold)
+                        for d in tcfg.dimensions])
+        return out
+
+    # -- one iteration -----------------------------------------------------------------------
+    def step(self, step: int, rank: int = 0):
+        idx, t, gen = sample_batch(self.r, self.conds, self.by_task, step, rank)
+        gen_ref = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        gen_pol = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+        images, masks = stack_conditions(self.conds, idx, self.device, self.dtype)
+        with torch.no_grad(), self._timed("condition"):
+            cond = self.rollout.prepare_condition(self.pipe, images, masks, generator=gen)
+        x_ref = self.reference_images(idx, cond, gen_ref)
+        x_theta = self.policy_images(idx, cond, t, gen_pol)
+        qs = self.queries(idx)
+        with self._timed("reward"):
+            p_yes = self.scorer.p_yes(x_theta.float(), x_ref.float(), qs)
+            loss, _ = refl_loss(p_yes, self.cfg.lambda_)
+        return loss, idx, t, p_yes, x_theta
+
+    def optimizer_step(self, loss):
+        with self._timed("backward"):
+            loss.backward()
+            if self.acc is not None and self.acc.num_processes > 1:
+                # Data parallel by hand: average gradients across ranks. The transformer is not wrapped
+                # in DDP because the reference rollout needs the bare module (adapters off / EMA in).
+                for p in self.params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.acc.num_processes
+            if self.cfg.max_grad_norm > 0:
+                gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+            else:
+                gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            ema_update(self.policy.ema, self.policy.trainable, self.cfg.tau)
+        return float(gn)
+
+
+def _rewards_by_key(trainer, idx, p_yes):
+    out: dict[str, list[float]] = {}
+    for i, p in zip(idx, p_yes):
+        c = trainer.conds[i]
+        for d, v in zip(trainer.r.tasks[c.task].dimensions, p.detach().float().tolist()):
+            out.setdefault(f"{c.task}/{d}", []).append(v)
+    return {k: sum(v) / len(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def heldout_oracle(trainer, conds, n: int = 4) -> float:
+    """Mean oracle score of full policy rollouts on held-out conditions (fixed seeds): a reward-hacking
+    alarm that does not use the reward model."""
+    import numpy as np
+    from PIL import Image
+
+    from .synth import oracle_scores
+
+    idx = list(range(min(n, len(conds))))
+    images, masks = stack_conditions(conds, idx, trainer.device, trainer.dtype)
+    cond = trainer.rollout.prepare_condition(trainer.pipe, images, masks, generator=torch.Generator().manual_seed(0))
+    eps = trainer._noise(len(idx), torch.Generator().manual_seed(12345))
+    emb = trainer.embeds.select([trainer.prompt_index[conds[i].prompt] for i in idx])
+    lat = trainer.rollout.denoise(trainer.policy.transformer, eps, cond, emb, trainer.sigmas, 0,
+                                  len(trainer.sigmas) - 1, guidance=trainer.cfg.guidance,
+                                  true_cfg=trainer.cfg.true_cfg, neg_embeds=trainer._neg(len(idx)))
+    out = trainer.rollout.decode(trainer.pipe, lat, trainer.cfg.resolution, trainer.cfg.resolution)
+    scores = []
+    for k, i in enumerate(idx):
+        c = conds[i]
+        to_pil = lambda x: Image.fromarray((x.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8))
+        s = oracle_scores(to_pil(c.image), (c.mask[0].numpy() * 255).astype(np.uint8), to_pil(out[k]),
+                          trainer.r.tasks[c.task].dimensions, c.user_prompt)
+        scores.append(sum(s.values()) / len(s))
+    return float(sum(scores) / len(scores))
+
+
+def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = False, resume: bool = False,
+        heldout=None):
+    from accelerate import Accelerator
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    out = Path(out)
+    cfg = recipe.rl
+    conds = load_conditions(recipe, data)  # validate everything before any output is written
+    if out.exists() and (out / "checkpoints").exists() and not resume:
+        raise InputError("output folder already holds a run; pass --resume to continue it or choose another --out",
+                         path=out)
+    reward_spec = reward_model or recipe.models.reward
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(recipe.device == "cpu"))
+    rank = acc.process_index
+    trainer = Trainer(recipe, conds, reward_spec, dynamic, accelerator=acc)
+    man = RunManifest("rl-dynamic" if dynamic else "rl", out, recipe,
+                      inputs={"data": _resolve_data_file(data), "reward_model": reward_spec})
+    out.mkdir(parents=True, exist_ok=True)
+    start, counters = 0, {"nonfinite": 0, "skipped": 0}
+    log_path = out / "log.jsonl"
+    if resume and (out / "checkpoints" / "latest.json").exists():
+        start, counters = load_checkpoint(out, trainer.policy, trainer.opt, trainer.sched)
+        console.print(f"rl: resumed at step {start}")
+        _truncate_log(log_path, start)
+    elif log_path.exists():
+        log_path.unlink()
+    tb = _tensorboard(out / "tensorboard") if acc.is_main_process else None
+    heldout_conds = load_conditions(recipe, heldout) if heldout else conds
+    with Progress(TextColumn("[bold]rl{}".format(" (dynamic)" if dynamic else "")), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                  disable=not acc.is_main_process) as prog:
+        bar = prog.add_task("rl", total=cfg.steps, completed=start, info="")
+        for step in range(start, cfg.steps):
+            with acc.autocast():
+                loss, idx, t, p_yes, _ = trainer.step(step, rank)
+            if not torch.isfinite(loss):
+                counters["nonfinite"] += 1
+                counters["skipped"] += 1
+                trainer.opt.zero_grad(set_to_none=True)
+                console.print(f"[yellow]warning:[/] step {step}: non-finite loss, step skipped "
+                              f"({counters['nonfinite']}/{cfg.max_nonfinite})")
+                if counters["nonfinite"] >= cfg.max_nonfinite:
+                    raise RuntimeError(f"aborting: {counters['nonfinite']} non-finite losses (rl.max_nonfinite)")
+                prog.advance(bar)
+                continue
+            gn = trainer.optimizer_step(loss)
+            rewards = _rewards_by_key(trainer, idx, p_yes)
+            rec = {"step": step + 1, "loss": float(loss.detach()), "t": t, "grad_norm": gn, "lr": trainer.sched.get_last_lr()[0],
+                   "rewards": rewards, "mean_reward": float(torch.cat([p.detach().float() for p in p_yes]).mean())}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                rec["heldout_oracle"] = heldout_oracle(trainer, heldout_conds)
+            if acc.is_main_process:
+                append_jsonl(log_path, rec)
+                if tb is not None:
+                    tb.add_scalar("loss", rec["loss"], step + 1)
+                    tb.add_scalar("mean_reward", rec["mean_reward"], step + 1)
+                    for k, v in rewards.items():
+                        tb.add_scalar(f"reward/{k}", v, step + 1)
+                    if "heldout_oracle" in rec:
+                        tb.add_scalar("heldout/oracle", rec["heldout_oracle"], step + 1)
+            prog.update(bar, advance=1, info=f"loss {rec['loss']:.3f} reward {rec['mean_reward']:.3f}")
+            if acc.is_main_process and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                save_checkpoint(out, step + 1, trainer.policy, trainer.opt, trainer.sched, counters)
+            acc.wait_for_everyone()
+    if acc.is_main_process:
+        save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters)
+        from diffusers import FluxFillPipeline
+
+        tr = trainer.policy.transformer
+        save_policy_dir(FluxFillPipeline, tr, out / "policy", recipe.models.policy, trainer.policy.lora)
+        with trainer.policy.swapped_in_ema():
+            save_policy_dir(FluxFillPipeline, tr, out / "ema", recipe.models.policy, trainer.policy.lora)
+        png = plot_reward_curves(log_path, out / "reward_curves.png") if log_path.exists() else None
+        if tb is not None:
+            tb.close()
+        man.count(steps=cfg.steps, conditions=len(conds), nonfinite=counters["nonfinite"],
+                  reference_cache=len(trainer.ref_cache))
+        man.set(mode="dynamic (Alg. 2)" if dynamic else "static (Alg. 1)",
+                timings_breakdown_s={k: round(v, 3) for k, v in trainer.timers.items()})
+        man.write()
+        console.print(f"rl: policy -> {out / 'policy'}, EMA -> {out / 'ema'}"
+                      + (f", reward curves -> {png}" if png else ""))
+    acc.wait_for_everyone()
+    return out
+
+
+def _truncate_log(log_path: Path, step: int):
+    """After a resume, drop log lines past the checkpoint so the curve has no duplicates."""
+    if not log_path.exists():
+        return
+    recs = [r for r in read_jsonl(log_path, tolerate_torn_tail=True) if r["step"] <= step]
+    from .artifacts import strip_meta, write_jsonl
+
+    write_jsonl(log_path, [strip_meta(r) for r in recs])
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # noqa: BLE001 - tensorboard is optional at run time
+        return None
+    return SummaryWriter(str(path))

@@ -1,0 +1,502 @@
+"""`onereward train-reward`: fine-tune the VLM judge with eq. 3 and report Table 1 accuracy.
+
+Every training pair (x_w, x_l, q) contributes both orders: "yes" for (x_w, x_l, q) and "no" for
+(x_l, x_w, q), as one-token cross-entropy over the full vocabulary (`reward.eq3_loss`). The two
+orders share one ViT pass. Full fine-tuning or LoRA (language model only), ViT and merger frozen or
+trained, accelerate for mixed precision / gradient accumulation / multi-GPU (DDP; FSDP and ZeRO via
+the configs in recipes/accelerate/).
+
+OUT/
+  accuracy_baseline.{json,png}  the untuned model on the test split (Table 1, first row)
+  accuracy.{json,png}           after training
+  eval_history.jsonl            periodic test-split evaluations
+  checkpoints/step-NNNNNNNN/    resumable: trainable.safetensors, optimizer.safetensors + .json,
+                                rng_<rank>.safetensors + .json, state.json (written last)
+  logs/                         TensorBoard
+  final/                        save_pretrained model (LoRA merged) + processor + onereward_reward.json
+  run.json
+
+Batch semantics: reward.batch_size pairs per process per micro-step; the effective batch is
+batch_size x grad_accum x processes pairs (2x that many sequences, one per order).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+from .reward import (REWARD_META, ImageCache, RewardScorer, accuracy_report, accuracy_table, build_query,
+                     eq3_loss, load_pairs, pair_batch_inputs, save_accuracy, score_pairs, yes_no_logprobs)
+
+# Keys that may change between a run and its --resume (they do not change the math done so far).
+_RESUMABLE_KEYS = {"max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every"}
+CKPT_DIR = "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+def find_pairs_files(pairs_dir) -> tuple[Path, Path | None]:
+    """train.jsonl (required) and test.jsonl (optional) in PAIRS_DIR or PAIRS_DIR/pairs."""
+    d = Path(pairs_dir)
+    if d.is_file() and d.name.endswith(".jsonl"):
+        d = d.parent
+    for cand in (d, d / "pairs"):
+        if (cand / "train.jsonl").is_file():
+            test = cand / "test.jsonl"
+            return cand / "train.jsonl", test if test.is_file() else None
+    raise InputError("no train.jsonl here or in its pairs/ folder (make one with `onereward export-pairs`)",
+                     path=d)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fingerprint(r, train_path: Path, world: int) -> dict:
+    """What a checkpoint must agree with to be resumed."""
+    from .recipe import to_plain
+
+    reward = {k: v for k, v in to_plain(r.reward).items() if k not in _RESUMABLE_KEYS}
+    return {"models.reward": r.models.reward, "seed": r.seed, "dtype": r.dtype, "tasks": to_plain(r.tasks),
+            "reward": reward, "train_sha256": _sha256(train_path), "processes": world}
+
+
+def _check_fingerprint(saved: dict, now: dict, ckpt: Path):
+    diff = []
+    for k in sorted(set(saved) | set(now)):
+        a, b = saved.get(k), now.get(k)
+        if k == "reward" and isinstance(a, dict) and isinstance(b, dict):
+            diff += [f"reward.{kk}" for kk in sorted(set(a) | set(b)) if a.get(kk) != b.get(kk)]
+        elif a != b:
+            diff.append(k)
+    if diff:
+        raise InputError(f"cannot resume: {', '.join(diff)} differ from the checkpoint's run (only "
+                         f"{', '.join(sorted('reward.' + k for k in _RESUMABLE_KEYS))} may change)", path=ckpt)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model setup
+# ----------------------------------------------------------------------------------------------
+def _lora_target_regex(targets) -> str:
+    # Full-match regex over module names: only the language model's projections. The ViT has
+    # gate_proj/up_proj/down_proj too, and those stay frozen unless reward.train_vision is set.
+    return r".*language_model.*\.(" + "|".join(sorted(set(targets))) + r")"
+
+
+def setup_trainable(model, w):
+    """Apply LoRA or unfreeze the LLM; then the ViT/merger flags. Returns the (maybe PEFT) model."""
+    from .models.qwen_vl import unwrap
+
+    model.requires_grad_(False)
+    if w.lora:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=w.lora_rank, lora_alpha=w.lora_alpha, lora_dropout=w.lora_dropout,
+                         target_modules=_lora_target_regex(w.lora_targets), bias="none")
+        model = get_peft_model(model, cfg)
+    else:
+        base = unwrap(model)
+        base.model.language_model.requires_grad_(True)
+        base.lm_head.requires_grad_(True)
+    visual = unwrap(model).model.visual
+    visual.requires_grad_(w.train_vision)
+    visual.merger.requires_grad_(w.train_merger)
+    if w.gradient_checkpointing:
+        base = unwrap(model)
+        fn = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+        fn()
+    model.train()
+    return model
+
+
+def trainable_named(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def make_scheduler(optimizer, warmup: int):
+    def factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (safetensors + JSON; nothing pickled)
+# ----------------------------------------------------------------------------------------------
+def optimizer_to_files(optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_to_files() -> tuple[dict, dict]:
+    import numpy as np
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    np_state = np.random.get_state()
+    meta = {"python": _jsonable(random.getstate()),
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def rng_from_files(tensors: dict, meta: dict):
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_tupled(meta["python"]))
+    s = meta["numpy"]
+    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    d = out / CKPT_DIR
+    if not d.is_dir():
+        return []
+    done = [p for p in d.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name[5:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data order
+# ----------------------------------------------------------------------------------------------
+def batch_indices(n: int, seed: int, epoch: int, k: int, batch: int, world: int, rank: int) -> list[int]:
+    """Indices of micro-batch k of `epoch` for `rank`: a seeded permutation per epoch, global batches
+    of batch*world split by rank; the last batch wraps around so every process gets a full one."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    start = k * batch * world + rank * batch
+    return [perm[(start + j) % n] for j in range(batch)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation across processes
+# ----------------------------------------------------------------------------------------------
+def evaluate(accelerator, scorer, pairs, r, *, progress=None) -> dict | None:
+    """Table 1 report on `pairs`, each process scoring an equal-length shard (same number of
+    forwards everywhere, as DDP/FSDP collectives need), gathered on every process."""
+    from accelerate.utils import gather_object
+
+    if not pairs:
+        return None
+    w = r.reward
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per = math.ceil(len(pairs) / world)
+    mine = [rank + world * i for i in range(per)]
+    shard = [pairs[i] if i < len(pairs) else pairs[0] for i in mine]
+    was_training = scorer.model.training
+    scorer.model.eval()
+    probs = score_pairs(scorer, shard, r.tasks, w.query_mode, bold=w.bold, batch_size=w.batch_size,
+                        progress=progress)
+    if was_training:
+        scorer.model.train()
+    rows = [(i, p) for i, p in zip(mine, probs) if i < len(pairs)]
+    if world > 1:
+        rows = gather_object(rows)
+    rows = sorted(rows)
+    return accuracy_report(pairs, [p for _, p in rows], r.tasks, mode=w.query_mode, normalise=scorer.normalise)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from rich.console import Console
+
+    from .artifacts import RunManifest, load_tensors, read_jsonl, save_tensors, write_json, write_jsonl
+
+    w = r.reward
+    out = Path(out)
+    console = Console()
+
+    # -- validate everything before anything is written ---------------------------------------
+    train_path, test_path = find_pairs_files(pairs_dir)
+    train = load_pairs(train_path, r.tasks)
+    test = load_pairs(test_path, r.tasks) if test_path else []
+    if not train:
+        raise InputError("no training pairs", path=train_path)
+    queries = [build_query(r.tasks[p["task"]], p["dimension"], p["prompt"], w.query_mode, w.bold) for p in train]
+    checkpoints = list_checkpoints(out) if resume else []
+    if not resume and out.exists() and any(out.iterdir()):
+        raise InputError("output directory is not empty: pass --resume to continue that run, or choose "
+                         "another --out", path=out)
+
+    accelerator = Accelerator(cpu=(r.device == "cpu"), mixed_precision=w.mixed_precision,
+                              gradient_accumulation_steps=w.grad_accum)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    fingerprint = _fingerprint(r, train_path, world)
+    ckpt = checkpoints[-1] if checkpoints else None
+    state = None
+    if ckpt is not None:
+        state = json.loads((ckpt / "state.json").read_text())
+        _check_fingerprint(state["fingerprint"], fingerprint, ckpt)
+
+    manifest = RunManifest("train-reward", out, r, inputs={"train": train_path, "test": test_path or ""})
+    torch.manual_seed(r.seed)
+    random.seed(r.seed)
+    with manifest.timed("load"):
+        scorer = RewardScorer.load(r.models.reward, w, device=accelerator.device, dtype=r.dtype, trainable=True)
+    processor = scorer.processor
+
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+    def progress_bar():
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        disable=not main, console=Console(stderr=True), transient=False)
+
+    def run_eval(label: str):
+        with progress_bar() as bar:
+            t = bar.add_task(label, total=math.ceil(len(test) / world), info="")
+            return evaluate(accelerator, scorer, test, r, progress=lambda n: bar.advance(t, n))
+
+    # -- baseline (Table 1, "no finetune" row) -----------------------------------------------
+    baseline = None
+    base_file = out / "accuracy_baseline.json"
+    if test:
+        if base_file.is_file():
+            baseline = json.loads(base_file.read_text())
+        else:
+            with manifest.timed("eval_baseline"):
+                baseline = run_eval("baseline eval")
+            if main:
+                save_accuracy(baseline, out, "accuracy_baseline")
+        if main:
+            console.print(accuracy_table(baseline, title=f"Before training ({len(test)} test pairs, "
+                                                         f"query {w.query_mode}, P(yes) {w.normalise})"))
+
+    # -- trainable model, optimizer, schedule --------------------------------------------------
+    model = setup_trainable(scorer.model, w)
+    named = trainable_named(model)
+    if not named:
+        raise InputError("nothing to train: enable LoRA, full fine-tuning, train_vision or train_merger",
+                         field="reward")
+    optimizer = torch.optim.AdamW([p for _, p in named], lr=w.lr, weight_decay=w.weight_decay)
+    scheduler = make_scheduler(optimizer, w.warmup_steps)
+    micro = 0
+    if state is not None and not sharded:
+        weights = load_tensors(ckpt / "trainable.safetensors", device=str(accelerator.device))
+        missing = [n for n, _ in named if n not in weights]
+        if missing:
+            raise InputError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]})", path=ckpt)
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(weights[n])
+        optimizer.load_state_dict(optimizer_from_files(load_tensors(ckpt / "optimizer.safetensors"),
+                                                       json.loads((ckpt / "optimizer.json").read_text())))
+    if state is not None:
+        scheduler.load_state_dict(state["scheduler"])
+        micro = state["micro"]
+
+    from .models.qwen_vl import Judge
+
+    judge, optimizer = accelerator.prepare(Judge(model), optimizer)
+    scorer.judge = judge
+    scorer.model = model
+    if state is not None:
+        if sharded:
+            accelerator.load_state(str(ckpt / "accelerate"))
+        if state.get("scaler") and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["scaler"])
+        rng_file = ckpt / f"rng_{rank}.safetensors"
+        if rng_file.is_file():
+            rng_from_files(load_tensors(rng_file), json.loads((ckpt / f"rng_{rank}.json").read_text()))
+
+    per_epoch = math.ceil(len(train) / (w.batch_size * world))
+    total_steps = w.max_steps or math.ceil(w.epochs * per_epoch / w.grad_accum)
+    step = micro // w.grad_accum
+    start_step = step
+    params = [p for _, p in named]
+
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "logs"), purge_step=step if state is not None else None)
+    history_path = out / "eval_history.jsonl"
+    if main and history_path.is_file():  # drop evaluations made after the checkpoint we resume from
+        kept = [{k: v for k, v in h.items() if not k.startswith("_")} for h in read_jsonl(history_path)
+                if h.get("step", 0) <= step]
+        write_jsonl(history_path, kept)
+
+    def log_eval(report, at_step):
+        if not main or report is None:
+            return
+        from .artifacts import append_jsonl
+
+        append_jsonl(history_path, {"step": at_step, "overall": report["overall"],
+                                    "cells": {f"{c['task']}/{c['dimension']}": c["accuracy"] for c in report["cells"]}})
+        writer.add_scalar("eval/accuracy", report["overall"]["accuracy"], at_step)
+        writer.add_scalar("eval/symmetric_accuracy", report["overall"]["symmetric_accuracy"], at_step)
+        writer.add_scalar("eval/position_bias", report["overall"]["position_bias"], at_step)
+        for c in report["cells"]:
+            writer.add_scalar(f"eval_accuracy/{c['task']}/{c['dimension']}", c["accuracy"], at_step)
+
+    def save_checkpoint(at_step: int):
+        ckdir = out / CKPT_DIR
+        tmp = ckdir / f".step-{at_step:08d}.tmp"
+        final = ckdir / f"step-{at_step:08d}"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        if sharded:  # FSDP / ZeRO shards: accelerate's own format (note: loads with weights_only)
+            accelerator.save_state(str(tmp / "accelerate"))
+        elif main:
+            save_tensors(tmp / "trainable.safetensors", {n: p for n, p in trainable_named(model)})
+            tensors, meta = optimizer_to_files(optimizer)
+            save_tensors(tmp / "optimizer.safetensors", tensors)
+            write_json(tmp / "optimizer.json", meta)
+        rt, rm = rng_to_files()
+        save_tensors(tmp / f"rng_{rank}.safetensors", rt)
+        write_json(tmp / f"rng_{rank}.json", rm)
+        accelerator.wait_for_everyone()
+        if main:
+            write_json(tmp / "state.json", {
+                "step": at_step, "micro": micro, "epoch": micro // per_epoch, "fingerprint": fingerprint,
+                "scheduler": scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in list_checkpoints(out)[:-w.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    # -- train ---------------------------------------------------------------------------------
+    images = ImageCache()
+    loss_acc, n_acc, last_loss = 0.0, 0, float("nan")
+    t0 = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("train-reward", total=total_steps, completed=step, info="")
+        while step < total_steps:
+            epoch, k = divmod(micro, per_epoch)
+            idx = batch_indices(len(train), r.seed, epoch, k, w.batch_size, world, rank)
+            chunk = [train[i] for i in idx]
+            with accelerator.accumulate(judge):
+                tensors, seqs = pair_batch_inputs(chunk, [queries[i] for i in idx], images)
+                lp = yes_no_logprobs(scorer.logits(tensors, seqs), scorer.yes_id, scorer.no_id)
+                loss = eq3_loss(lp[0::2], lp[1::2])
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and w.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(params, w.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            loss_acc += float(loss.detach())
+            n_acc += 1
+            if not accelerator.sync_gradients:
+                continue
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            step += 1
+            mean_loss = torch.tensor(loss_acc / n_acc, device=accelerator.device)
+            last_loss = float(accelerator.reduce(mean_loss, reduction="mean")) if world > 1 else float(mean_loss)
+            loss_acc, n_acc = 0.0, 0
+            if main and (step % w.log_every == 0 or step == total_steps):
+                writer.add_scalar("train/loss", last_loss, step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("train/epoch", micro / per_epoch, step)
+                if grad_norm is not None:
+                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            bar.update(task, completed=step, info=f"loss {last_loss:.4f}  epoch {micro / per_epoch:.2f}")
+            if test and w.eval_every and step % w.eval_every == 0 and step < total_steps:
+                log_eval(evaluate(accelerator, scorer, test, r), step)
+            # The last step is always saved, so a finished run can be extended (--resume, more steps).
+            if (w.save_every and step % w.save_every == 0) or step == total_steps:
+                save_checkpoint(step)
+    train_time = time.perf_counter() - t0
+
+    # -- final evaluation, model, report -------------------------------------------------------
+    final_report = None
+    if test:
+        with manifest.timed("eval_final"):
+            final_report = run_eval("final eval")
+        log_eval(final_report, step)
+    final_dir = out / "final"
+    unwrapped = accelerator.unwrap_model(judge).model
+    full_state = accelerator.get_state_dict(judge) if sharded else None
+    if main:
+        tmp = out / ".final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if sharded:
+            base = scorer_base_for_save(unwrapped)
+            base.save_pretrained(tmp, state_dict={k.removeprefix("model."): v for k, v in full_state.items()})
+        else:
+            merged = unwrapped.merge_and_unload() if w.lora else unwrapped
+            merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        write_json(tmp / REWARD_META, {"base": r.models.reward, "query_mode": w.query_mode, "bold": w.bold,
+                                       "normalise": w.normalise, "yes_token": w.yes_token, "no_token": w.no_token,
+                                       "image_size": w.image_size, "steps": step, "lora_merged": w.lora})
+        shutil.rmtree(final_dir, ignore_errors=True)
+        tmp.rename(final_dir)
+        if final_report is not None:
+            save_accuracy(final_report, out, "accuracy", baseline=baseline)
+            console.print(accuracy_table(final_report, title=f"After training ({step} steps)", baseline=baseline))
+        writer.close()
+        manifest.count(train_pairs=len(train), test_pairs=len(test), steps=step, steps_this_run=step - start_step,
+                       processes=world,
+                       trainable_params=sum(p.numel() for _, p in named))
+        manifest.set(effective_batch_pairs=w.batch_size * w.grad_accum * world, final_loss=last_loss,
+                     normalise=w.normalise, query_mode=w.query_mode, resumed_from=str(ckpt) if ckpt else None,
+                     model=scorer.path, final_model=str(final_dir),
+                     baseline_accuracy=baseline and baseline["overall"],
+                     final_accuracy=final_report and final_report["overall"])
+        manifest.data["timings_s"]["train"] = round(train_time, 3)
+        manifest.write()
+        console.print(f"[green]reward model[/] {final_dir}  (loss {last_loss:.4f}, {step} steps)")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final_dir
+
+
+def scorer_base_for_save(model):
+    """The HF model whose save_pretrained writes a full checkpoint from a gathered state dict."""
+    from .models.qwen_vl import unwrap
+
+    return unwrap(model)

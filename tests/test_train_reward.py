@@ -1,0 +1,162 @@
+"""`onereward train-reward` on the tiny zoo: eq. 3 training, exact resume, bad input, multi-process."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from onereward_cli import train_reward
+from onereward_cli.errors import InputError
+from onereward_cli.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_pairs(d: Path, n: int = 2, test_same: bool = True) -> Path:
+    """n bright-vs-dark pairs (the bright image wins), alternating fill/aesthetics and removal."""
+    rng = np.random.default_rng(0)
+    (d / "img").mkdir(parents=True, exist_ok=True)
+    recs = []
+    for i in range(n):
+        base = rng.integers(0, 80, (56, 56, 3))
+        Image.fromarray((base + 170).astype(np.uint8)).save(d / "img" / f"{i}_bright.png")
+        Image.fromarray(base.astype(np.uint8)).save(d / "img" / f"{i}_dark.png")
+        task, dim, prompt = ("fill", "aesthetics", "a red circle") if i % 2 == 0 else ("removal", "removal quality", "")
+        recs.append({"sample_id": f"s{i}", "task": task, "dimension": dim, "prompt": prompt,
+                     "winner": f"img/{i}_bright.png", "loser": f"img/{i}_dark.png", "source": "", "mask": "",
+                     "annotator": "test"})
+    text = "".join(json.dumps(r) + "\n" for r in recs)
+    (d / "train.jsonl").write_text(text)
+    if test_same:
+        (d / "test.jsonl").write_text(text)
+    return d
+
+
+def recipe(*overrides):
+    return load_recipe("tiny", ["reward.batch_size=2", "reward.eval_every=0", "reward.save_every=0", *overrides])
+
+
+def test_training_memorises_pairs_and_saves_a_loadable_model(tmp_path, zoo):
+    from transformers import AutoModelForImageTextToText
+
+    from onereward_cli.reward import RewardScorer, build_query, load_image_tensor
+
+    pairs = make_pairs(tmp_path / "pairs")
+    r = recipe("reward.max_steps=40", "reward.lr=5e-3", "reward.train_vision=true", "reward.max_grad_norm=0")
+    out = tmp_path / "out"
+    final = train_reward.run(r, pairs, out)
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["steps"] == 40 and run["final_loss"] < 1.0  # from log(vocab) = 5.8
+    acc = json.loads((out / "accuracy.json").read_text())
+    assert acc["overall"]["accuracy"] == 1.0 and acc["overall"]["symmetric_accuracy"] == 1.0
+    assert acc["overall"]["winner_second"] == 1.0  # both orders memorised, not a "yes" bias
+    assert json.loads((out / "accuracy_baseline.json").read_text())["overall"]["n"] == 2
+    for f in ("accuracy.png", "accuracy_baseline.png", "eval_history.jsonl"):
+        assert (out / f).is_file()
+    assert any((out / "logs").iterdir())
+
+    assert isinstance(AutoModelForImageTextToText.from_pretrained(final), torch.nn.Module)
+    scorer = RewardScorer.load(str(final), r.reward)
+    assert scorer.trained_with["query_mode"] == "full"
+    w, lo = load_image_tensor(pairs / "img/0_bright.png"), load_image_tensor(pairs / "img/0_dark.png")
+    q = build_query(r.tasks["fill"], "aesthetics", "a red circle")
+    p = scorer.p_yes(torch.stack([w, lo]), torch.stack([lo, w]), [[q], [q]])
+    assert p[0].item() > 0.5 > p[1].item()
+
+
+def _final_weights(out: Path) -> dict:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, zoo):
+    pairs = make_pairs(tmp_path / "pairs", n=3)
+    common = ["reward.lora=true", "reward.lora_rank=4", "reward.lr=1e-2", "reward.warmup_steps=3",
+              "reward.save_every=2", "reward.grad_accum=1"]
+    straight = tmp_path / "straight"
+    train_reward.run(recipe(*common, "reward.max_steps=4"), pairs, straight)
+
+    resumed = tmp_path / "resumed"
+    train_reward.run(recipe(*common, "reward.max_steps=2"), pairs, resumed)
+    assert [p.name for p in train_reward.list_checkpoints(resumed)] == ["step-00000002"]
+    train_reward.run(recipe(*common, "reward.max_steps=4"), pairs, resumed, resume=True)
+    run = json.loads((resumed / "run.json").read_text())
+    assert run["counts"]["steps_this_run"] == 2 and run["resumed_from"].endswith("step-00000002")
+
+    a, b = _final_weights(straight), _final_weights(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    base = load_file(str(Path(zoo) / "qwen2.5-vl" / "model.safetensors"))
+    assert any(not torch.equal(a[k], base[k]) for k in a if k in base)  # training did change the model
+
+    # A resume with a changed training setting is refused, naming the key.
+    with pytest.raises(InputError, match="reward.lr"):
+        train_reward.run(recipe(*common, "reward.max_steps=6", "reward.lr=1e-3"), pairs, resumed, resume=True)
+
+
+def _cli(*args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "onereward_cli.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("case", ["missing_image", "unknown_dimension", "no_prompt", "split_yes", "not_empty"])
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, zoo, case):
+    pairs = make_pairs(tmp_path / "pairs")
+    out = tmp_path / "out"
+    extra = []
+    lines = (pairs / "train.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    if case == "missing_image":
+        (pairs / "img" / "1_dark.png").unlink()
+    elif case == "unknown_dimension":
+        rec["dimension"] = "sharpness"
+    elif case == "no_prompt":
+        rec.update(task="fill", dimension="text alignment", prompt="")
+    elif case == "split_yes":
+        from test_reward import _split_yes_checkpoint
+
+        bad = _split_yes_checkpoint(Path(zoo) / "qwen2.5-vl", tmp_path / "bad-ckpt")
+        extra = ["--set", f"models.reward={bad}"]
+    elif case == "not_empty":
+        out.mkdir()
+        (out / "something.txt").write_text("x")
+    (pairs / "train.jsonl").write_text(lines[0] + "\n" + json.dumps(rec) + "\n")
+    res = _cli("train-reward", str(pairs), "--out", str(out), *extra)
+    assert res.returncode == 2, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "error" in res.stderr
+    if case == "not_empty":
+        assert sorted(p.name for p in out.iterdir()) == ["something.txt"]
+    else:
+        assert not out.exists()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tmp_path, zoo):
+    """DDP on 2 CPU processes (gloo) with bf16 autocast, grad accumulation and activation checkpointing."""
+    pairs = make_pairs(tmp_path / "pairs", n=3)
+    out = tmp_path / "out"
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--main_process_port", "29517",
+           "-m", "onereward_cli.cli", "train-reward", str(pairs), "--out", str(out),
+           "--set", "reward.max_steps=2", "--set", "reward.batch_size=1", "--set", "reward.grad_accum=2",
+           "--set", "reward.mixed_precision=bf16", "--set", "reward.gradient_checkpointing=true",
+           "--set", "reward.save_every=1", "--set", "reward.lora=true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["processes"] == 2 and run["counts"]["steps"] == 2
+    assert run["effective_batch_pairs"] == 4
+    assert [p.name for p in train_reward.list_checkpoints(out)] == ["step-00000001", "step-00000002"]
+    assert {p.name for p in (train_reward.list_checkpoints(out)[-1]).iterdir()} >= {
+        "rng_0.safetensors", "rng_1.safetensors", "trainable.safetensors", "optimizer.safetensors", "state.json"}
+    assert (out / "final" / "model.safetensors").is_file()
+    assert json.loads((out / "accuracy.json").read_text())["overall"]["n"] == 3
