@@ -239,6 +239,9 @@ def demo(
 
     Example: onereward demo --out demo-out
     """
+    if replicate and recipe == "tiny":
+        recipe = "replicate"  # the same tiny zoo with more data and steps, so the ablations can separate
+        console.print("--replicate: using recipe 'replicate' (recipes/replicate.yaml)")
     r = _recipe(recipe, set_)
     from . import demo as stage
 

@@ -19,6 +19,7 @@ Pipeline (each step's output is a file, so a killed run resumes):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -442,17 +443,23 @@ def find_duplicates(x: np.ndarray, hashes: np.ndarray, threshold: float, cells: 
     dup_of[order[same]] = first[same]
     sim[order[same]] = 1.0
     # near duplicates inside each cell (rows of a cell stay in pool order: stable sort)
+    from threadpoolctl import threadpool_limits
+
     by_cell = np.argsort(cells, kind="stable")
     bounds = np.flatnonzero(np.r_[True, cells[by_cell][1:] != cells[by_cell][:-1], True])
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        idx = by_cell[a:b]
-        idx = idx[dup_of[idx] < 0]
-        if len(idx) > 1:
-            _near_duplicates_in_cell(x, idx, threshold, dup_of, sim, block)
+    groups = [by_cell[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    small = 2e9 / x.shape[1]  # n^2 below this: BLAS threads cost more than they save
+    with threadpool_limits(limits=1, user_api="blas"):
+        for idx in (g for g in groups if len(g) ** 2 < small):
+            _near_duplicates_in_cell(x, idx[dup_of[idx] < 0], threshold, dup_of, sim, block)
+    for idx in (g for g in groups if len(g) ** 2 >= small):
+        _near_duplicates_in_cell(x, idx[dup_of[idx] < 0], threshold, dup_of, sim, block)
     return dup_of, sim
 
 
 def _near_duplicates_in_cell(x, idx, threshold, dup_of, sim, block):
+    if len(idx) < 2:
+        return
     xc = x[idx]
     nbrs: dict[int, list[tuple[int, float]]] = {}
     block = int(max(64, min(block, 2.5e7 // len(idx))))  # keep the similarity block near 100 MB
@@ -490,10 +497,40 @@ def resolve_backend(name: str) -> str:
         return "sklearn"
 
 
+@contextlib.contextmanager
+def _threads_for(flops: float, backend: str):
+    """One thread for small problems: a hierarchical run makes thousands of small K-means calls, and
+    there OpenMP start-up and barrier waits (very long on a busy machine) cost more than the maths."""
+    if flops >= 2e9:
+        yield
+        return
+    if backend == "faiss":
+        import faiss
+
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            yield
+        finally:
+            faiss.omp_set_num_threads(before)
+    else:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=1):
+            yield
+
+
 def kmeans(x: np.ndarray, k: int, *, iters: int, seed: int, backend: str,
            max_points_per_centroid: int = 256) -> np.ndarray:
     """k unit-norm centroids for the rows of x (k < len(x))."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    work = 2.0 * min(len(x), max_points_per_centroid * k) * k * x.shape[1] * iters
+    with _threads_for(work, backend):
+        return _kmeans(x, k, iters=iters, seed=seed, backend=backend,
+                       max_points_per_centroid=max_points_per_centroid)
+
+
+def _kmeans(x, k, *, iters, seed, backend, max_points_per_centroid):
     if backend == "faiss":
         import faiss
 
@@ -518,6 +555,11 @@ def kmeans(x: np.ndarray, k: int, *, iters: int, seed: int, backend: str,
 
 def assign(x: np.ndarray, c: np.ndarray, backend: str, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by cosine for each row: (labels int64, similarity float32)."""
+    with _threads_for(2.0 * len(x) * len(c) * x.shape[1], backend):
+        return _assign(x, c, backend, block)
+
+
+def _assign(x, c, backend, block):
     if backend == "faiss":
         import faiss
 

@@ -150,9 +150,11 @@ def summarise(out: Path, timings: dict):
 
 
 def _accuracy_text(acc: dict) -> str:
-    rows = acc.get("rows") or []
-    lines = []
-    for r in rows:
-        lines.append(f"{r.get('task', '?'):>18} | {r.get('dimension', '?'):<16} | acc {r.get('accuracy', float('nan')):.2f}"
-                     f" | sym {r.get('symmetric_accuracy', float('nan')):.2f} | n {r.get('n', 0)}")
-    return "\n".join(lines) or json.dumps(acc)[:800]
+    lines = [f"{'task':>16} | {'dimension':<16} | {'acc':>6} | {'sym':>6} | {'n':>4}"]
+    for c in acc.get("cells", []):
+        lines.append(f"{c['task']:>16} | {c['dimension']:<16} | {100 * c['accuracy']:6.1f} | "
+                     f"{100 * c['symmetric_accuracy']:6.1f} | {c['n']:>4}")
+    o = acc.get("overall")
+    if o:
+        lines.append(f"{'overall':>16} | {'':<16} | {100 * o['accuracy']:6.1f} | {100 * o['symmetric_accuracy']:6.1f} | {o['n']:>4}")
+    return "\n".join(lines)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .artifacts import RunManifest, append_jsonl, open_image, read_jsonl, save_png, write_json
@@ -394,6 +394,7 @@ def run_reward_gsb(recipe, reward_spec: str, policies: list[Policy], samples: li
         return {}, [], f"reward model '{reward_spec}' failed to load: {first_line(e)}"
     p = policies[0]
     results, records = {}, []
+    note = f"judged by {reward_spec} (P(yes) in both orders, query mode {recipe.reward.query_mode})"
     try:
         for q in policies[1:]:
             pairs = [(s.id, s.task, s.user_prompt, _to_tensor(edits[p.label][s.id]), _to_tensor(edits[q.label][s.id]))
@@ -403,10 +404,13 @@ def run_reward_gsb(recipe, reward_spec: str, policies: list[Policy], samples: li
             comp = f"{p.label} vs {q.label} (reward)"
             results[comp] = G.tally(recs)
             records += [{"comparison": comp, **r} for r in recs]
+    except Exception as e:  # noqa: BLE001 - keep the metrics and the report
+        note = f"reward-model judging failed: {first_line(e)}"
+        results, records = {}, []
     finally:
         del scorer
         _free_memory()
-    return results, records, f"judged by {reward_spec} (P(yes) both orders, query mode {recipe.reward.query_mode})"
+    return results, records, note
 
 
 def human_results(ratings, policies: list[Policy]) -> tuple[dict, dict, list[dict]]:
@@ -447,7 +451,8 @@ def run(r, *, policy: str, benchmark, out, compare=(), reward_model: str | None 
     if len(policies) > 1 and r.eval.gsb:
         _check_model_spec(reward_spec, "--reward-model")
     warnings: list[str] = []
-    samples = load_benchmark(benchmark, r, warn=lambda m: (warnings.append(m), console.print(f"[yellow]{m}[/]")))
+    samples = load_benchmark(benchmark, r, warn=lambda m: (warnings.append(m),
+                                                            console.print(f"[yellow]{escape(m)}[/]", soft_wrap=True)))
     ratings = None
     if human is not None:
         ratings = H.attach_tasks(H.read_ratings(human), {s.id: s.task for s in samples}, human)
@@ -476,7 +481,7 @@ def run(r, *, policy: str, benchmark, out, compare=(), reward_model: str | None 
         with man.timed("metrics"):
             mrun = run_metrics(r.eval.metrics, items, device=device, dtype=dtype, batch_size=r.eval.batch_size,
                                dimensions_by_task=task_dims, progress=prog,
-                               log=lambda m: console.print(m, highlight=False))
+                               log=lambda m: console.print(m, highlight=False, soft_wrap=True))
         with man.timed("gsb"):
             gsb_results, gsb_records, gsb_note = run_reward_gsb(r, reward_spec, policies, samples, edits, device,
                                                                 dtype, prog)
@@ -505,8 +510,8 @@ def run(r, *, policy: str, benchmark, out, compare=(), reward_model: str | None 
     man.write()
     errors = [s for s in mrun.status.values() if s.status == "error"]
     for s in errors:
-        console.print(f"[yellow]metric {s.name} failed: {s.note}[/]", highlight=False)
-    console.print(f"eval: {len(samples)} samples x {len(policies)} policies -> {page}", highlight=False)
+        console.print(f"[yellow]metric {s.name} failed: {escape(s.note)}[/]", highlight=False, soft_wrap=True)
+    console.print(f"eval: {len(samples)} samples x {len(policies)} policies -> {page}", highlight=False, soft_wrap=True)
     return out / "metrics.json"
 
 

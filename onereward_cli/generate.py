@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .artifacts import RunManifest, append_jsonl, open_image, read_jsonl, save_png, write_jsonl
+from .artifacts import (RunManifest, append_jsonl, open_image, read_jsonl, save_png, validate_record,
+                        write_jsonl)
 from .errors import InputError
-from .tasks import (TASK_KEYS, check_mask, extend_canvas, canvas_size, fit_size, load_user_mask, random_fill_mask,
+from .tasks import (TASK_KEYS, canvas_size, check_mask, extend_canvas, fit_size, load_user_mask, random_fill_mask,
                     removal_mask, resize_mask, sample_task, task_prompt)
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -89,13 +90,11 @@ def _read_jsonl_input(f: Path) -> list[InputItem]:
     for rec in recs:
         line = rec["_line"]
         if "source" in rec:
-            from .artifacts import validate_record
             validate_record(rec, TRIPLET_SCHEMA, path=f, line=line)
             items.append(InputItem(_check_id(rec["id"], f, line), _resolve(f.parent, rec["source"]), f, line,
                                    mask=_resolve(f.parent, rec["mask"]) if rec.get("mask") else None,
                                    prompt=rec.get("prompt"), task=rec.get("task"), triplet=True))
         elif "path" in rec:
-            from .artifacts import validate_record
             validate_record(rec, IMAGE_SCHEMA, path=f, line=line)
             items.append(InputItem(_check_id(rec["id"], f, line), _resolve(f.parent, rec["path"]), f, line,
                                    prompt=rec.get("prompt"), task=rec.get("task"), caption=rec.get("caption"),
@@ -362,13 +361,19 @@ def _record(s: Sample, size) -> dict:
                             "params": dict(c["params"])} for c in s.candidates]}
 
 
-def _dist_state():
-    """accelerate's process state when launched on several processes, else None."""
+def _dist_state(recipe):
+    """accelerate's process state when launched on several processes (accelerate launch, torchrun),
+    else None. Without a GPU (or with device: cpu) the ranks talk over gloo."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    state = PartialState(cpu=recipe.device == "cpu" or not torch.cuda.is_available())
+    if state.num_processes <= 1:
+        raise InputError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate found no process group; "
+                         "launch with `accelerate launch` or `torchrun`", field="WORLD_SIZE")
+    return state
 
 
 def _device_dtype(recipe, state):
@@ -394,7 +399,7 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     out = Path(out)
     if candidates < 2:
         raise InputError("need at least 2 candidates to pick a best and a worst", field="--candidates")
-    state = _dist_state()
+    state = _dist_state(recipe)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     is_main = rank == 0
     warn = (lambda m: console.print(f"[yellow]warning:[/] {m}", highlight=False)) if is_main else None
@@ -412,10 +417,9 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     mine = [s for i, s in enumerate(samples) if i % world == rank and s.id not in done]
     target = out / CANDIDATES if world == 1 else _part_path(out, rank)
     if is_main and done:
-        console.print(f"generate: {len(samples) - len(pending)} of {len(samples)} samples already in {out / CANDIDATES}; "
-                      f"resuming", highlight=False)
+        console.print(f"generate: {len(samples) - len(pending)} of {len(samples)} samples already in "
+                      f"{out / CANDIDATES}; resuming", highlight=False)
 
-    generated = 0
     if mine:
         device, dtype = _device_dtype(recipe, state)
         with man.timed("load"):
@@ -429,7 +433,7 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
             bar = prog.add_task("generate", total=len(mine) * candidates)
             for c0 in range(0, len(mine), per_chunk):
                 chunk = mine[c0:c0 + per_chunk]
-                generated += _run_chunk(pipe, recipe, chunk, out, target, prog, bar)
+                _run_chunk(pipe, recipe, chunk, out, target, prog, bar)
     if state is not None:
         state.wait_for_everyone()
     if is_main:
@@ -448,7 +452,7 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     return out / CANDIDATES
 
 
-def _run_chunk(pipe, recipe, chunk: list[Sample], out: Path, target: Path, prog, bar) -> int:
+def _run_chunk(pipe, recipe, chunk: list[Sample], out: Path, target: Path, prog, bar):
     """Generate every candidate of a few samples, batched by (size, steps, CFG on/off); append records."""
     import torch
 
@@ -482,4 +486,3 @@ def _run_chunk(pipe, recipe, chunk: list[Sample], out: Path, target: Path, prog,
         for c in s.candidates:
             save_png(d / f"cand_{c['index']}.png", results[(s.id, c["index"])])
         append_jsonl(target, _record(s, src.size))  # last: a sample counts as done only when complete
-    return len(chunk)

@@ -460,6 +460,9 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
     final_dir = out / "final"
     unwrapped = accelerator.unwrap_model(judge).model
     full_state = accelerator.get_state_dict(judge) if sharded else None
+    # DDP keeps replicas identical by averaging gradients; check it did (cheap, catches a broken sync).
+    checksum = float(sum(p.detach().double().sum() for p in params)) if not sharded else 0.0
+    in_sync = len({round(c, 9) for c in _gather(accelerator, checksum)}) == 1
     if main:
         tmp = out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -483,6 +486,7 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
                        processes=world,
                        trainable_params=sum(p.numel() for _, p in named))
         manifest.set(effective_batch_pairs=w.batch_size * w.grad_accum * world, final_loss=last_loss,
+                     distributed_type=str(accelerator.distributed_type.value), replicas_in_sync=in_sync,
                      normalise=w.normalise, query_mode=w.query_mode, resumed_from=str(ckpt) if ckpt else None,
                      model=scorer.path, final_model=str(final_dir),
                      baseline_accuracy=baseline and baseline["overall"],
@@ -493,6 +497,12 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_dir
+
+
+def _gather(accelerator, value) -> list:
+    from accelerate.utils import gather_object
+
+    return gather_object([value]) if accelerator.num_processes > 1 else [value]
 
 
 def scorer_base_for_save(model):

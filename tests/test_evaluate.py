@@ -97,7 +97,6 @@ def test_eval_cli_two_policies_end_to_end(zoo, bench, trained_policy, tmp_path, 
             "--set", f"eval.metrics.imagereward={tmp_path / 'no-such-imagereward'}"]
     assert _cli(argv) == 0, capsys.readouterr().err
     err = " ".join(capsys.readouterr().err.split())
-    Path("/tmp/ev/err.txt").write_text(err)
     assert "metric imagereward failed" in err and "no-such-imagereward" in err
 
     # Edits: same seed per sample for both policies, one PNG per (policy, sample).
@@ -145,12 +144,14 @@ def test_eval_cli_two_policies_end_to_end(zoo, bench, trained_policy, tmp_path, 
     assert run["stage"] == "eval" and run["counts"]["edits_generated"] == 8
     assert (out / "gsb.png").is_file() and (out / "metrics.png").is_file()
 
-    # A re-run reuses every edit (same policy files, seeds, parameters) and gives the same numbers.
-    assert _cli(argv) == 0
+    # A re-run reuses every edit whose policy files, seed and parameters are unchanged (the metric and
+    # GSB settings are not generation parameters); the oracle gives the same numbers on them.
+    assert _cli(argv[:-4] + ["--set", "eval.gsb=false"]) == 0
     run2 = json.loads((out / "run.json").read_text())
     assert run2["counts"]["edits_generated"] == 0 and run2["counts"]["edits_reused"] == 8
     m2 = json.loads((out / "metrics.json").read_text())
-    assert m2["summary"]["fill"][p_label]["hpsv2"]["mean"] == pytest.approx(m["summary"]["fill"][p_label]["hpsv2"]["mean"])
+    assert m2["summary"]["fill"][p_label]["oracle"] == m["summary"]["fill"][p_label]["oracle"]
+    assert m2["gsb"]["note"] == "disabled (eval.gsb=false)" and set(m2["gsb"]["comparisons"]) == {human_comp}
 
 
 def _bad_bench(bench: Path, tmp_path: Path, mutate) -> Path:

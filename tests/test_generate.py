@@ -306,12 +306,12 @@ def test_ranks_split_samples_and_rank0_merges(synth_pool, tmp_path, monkeypatch,
 
     monkeypatch.setattr(G, "generate_batch", counting)
     rank_now = [1]
-    monkeypatch.setattr(G, "_dist_state", lambda: _FakeState(1, 2))
+    monkeypatch.setattr(G, "_dist_state", lambda r: _FakeState(1, 2))
     G.run(r, synth_pool / "manifest.jsonl", out, candidates=2, limit=5)
     assert (out / "candidates.part-1.jsonl").exists() and not (out / "candidates.jsonl").exists()
     assert not (out / "run.json").exists()  # rank 0 writes it
     rank_now[0] = 0
-    monkeypatch.setattr(G, "_dist_state", lambda: _FakeState(0, 2))
+    monkeypatch.setattr(G, "_dist_state", lambda r: _FakeState(0, 2))
     G.run(r, synth_pool / "manifest.jsonl", out, candidates=2, limit=5)
     ids = [m["id"] for m in _manifest(synth_pool)][:5]
     assert seen[1] == set(ids[1::2]) and seen[0] == set(ids[0::2])

@@ -63,7 +63,8 @@ def test_pairs_all_mode_paths_and_prompts(tmp_path):
     for p in allp:
         assert set(p) == {"sample_id", "task", "dimension", "prompt", "winner", "loser", "source", "mask", "annotator"}
         base = out / "pairs"
-        assert (base / p["winner"]).resolve() == (cand / f"images/{p['sample_id']}/cand_{2 if p['annotator'] == 'alice' else 1}.png").resolve()
+        k = 2 if p["annotator"] == "alice" else 1
+        assert (base / p["winner"]).resolve() == (cand / f"images/{p['sample_id']}/cand_{k}.png").resolve()
         assert (base / p["source"]).resolve() == (cand / f"images/{p['sample_id']}/source.png").resolve()
         assert p["dimension"] in dims[p["task"]]
         rec = next(r for r in recs if r["id"] == p["sample_id"])

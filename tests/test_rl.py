@@ -205,9 +205,12 @@ def test_bad_conditions_exit_2(tmp_path, zoo):
 def test_accelerate_two_processes_cpu(conditions, zoo, tmp_path):
     out = tmp_path / "ddp"
     acc = Path(sys.executable).parent / "accelerate"
-    cmd = [str(acc), "launch", "--num_processes", "2", "--cpu", "-m", "onereward_cli.cli", "rl", str(conditions),
+    # On a machine without a GPU, `accelerate launch --cpu` starts a single process (multi-CPU needs MPI);
+    # `--multi_gpu` makes accelerate use torchrun, and recipe device=cpu gives each rank a gloo CPU group.
+    cmd = [str(acc), "launch", "--multi_gpu", "--num_processes", "2", "-m", "onereward_cli.cli", "rl", str(conditions),
            "--out", str(out)] + sum([["--set", s] for s in SET + ["rl.steps=2", "rl.save_every=0"]], [])
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (out / "policy" / "pytorch_lora_weights.safetensors").exists()
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2

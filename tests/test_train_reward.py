@@ -48,12 +48,12 @@ def test_training_memorises_pairs_and_saves_a_loadable_model(tmp_path, zoo):
     from onereward_cli.reward import RewardScorer, build_query, load_image_tensor
 
     pairs = make_pairs(tmp_path / "pairs")
-    r = recipe("reward.max_steps=40", "reward.lr=5e-3", "reward.train_vision=true", "reward.max_grad_norm=0")
+    r = recipe("reward.max_steps=36", "reward.lr=2e-2", "reward.train_vision=true", "reward.max_grad_norm=0")
     out = tmp_path / "out"
     final = train_reward.run(r, pairs, out)
 
     run = json.loads((out / "run.json").read_text())
-    assert run["counts"]["steps"] == 40 and run["final_loss"] < 1.0  # from log(vocab) = 5.8
+    assert run["counts"]["steps"] == 36 and run["final_loss"] < 0.3  # from log(vocab) = 5.8
     acc = json.loads((out / "accuracy.json").read_text())
     assert acc["overall"]["accuracy"] == 1.0 and acc["overall"]["symmetric_accuracy"] == 1.0
     assert acc["overall"]["winner_second"] == 1.0  # both orders memorised, not a "yes" bias
@@ -100,14 +100,17 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, zoo):
         train_reward.run(recipe(*common, "reward.max_steps=6", "reward.lr=1e-3"), pairs, resumed, resume=True)
 
 
-def _cli(*args, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "onereward_cli.cli", *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
+def _cli_exit_code(args) -> int:
+    """Run the CLI in-process (no interpreter start-up) and return its exit code."""
+    from onereward_cli.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    return e.value.code
 
 
 @pytest.mark.parametrize("case", ["missing_image", "unknown_dimension", "no_prompt", "split_yes", "not_empty"])
-def test_bad_input_exits_2_and_writes_nothing(tmp_path, zoo, case):
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, zoo, case, capsys):
     pairs = make_pairs(tmp_path / "pairs")
     out = tmp_path / "out"
     extra = []
@@ -128,9 +131,9 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, zoo, case):
         out.mkdir()
         (out / "something.txt").write_text("x")
     (pairs / "train.jsonl").write_text(lines[0] + "\n" + json.dumps(rec) + "\n")
-    res = _cli("train-reward", str(pairs), "--out", str(out), *extra)
-    assert res.returncode == 2, res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1 and "error" in res.stderr
+    assert _cli_exit_code(["train-reward", str(pairs), "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error:") and "Traceback" not in err
     if case == "not_empty":
         assert sorted(p.name for p in out.iterdir()) == ["something.txt"]
     else:
@@ -143,8 +146,10 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, zoo):
     pairs = make_pairs(tmp_path / "pairs", n=3)
     out = tmp_path / "out"
     accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-           "--mixed_precision", "bf16", "--main_process_port", "29517",
+    # `accelerate launch --cpu` starts ONE process unless run under mpirun; its torchrun launcher
+    # (--multi_gpu) starts two, and the recipe's device: cpu makes them a gloo (MULTI_CPU) group.
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", "29517",
            "-m", "onereward_cli.cli", "train-reward", str(pairs), "--out", str(out),
            "--set", "reward.max_steps=2", "--set", "reward.batch_size=1", "--set", "reward.grad_accum=2",
            "--set", "reward.mixed_precision=bf16", "--set", "reward.gradient_checkpointing=true",
@@ -155,6 +160,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, zoo):
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["processes"] == 2 and run["counts"]["steps"] == 2
     assert run["effective_batch_pairs"] == 4
+    assert run["distributed_type"] == "MULTI_CPU" and run["replicas_in_sync"] is True
     assert [p.name for p in train_reward.list_checkpoints(out)] == ["step-00000001", "step-00000002"]
     assert {p.name for p in (train_reward.list_checkpoints(out)[-1]).iterdir()} >= {
         "rng_0.safetensors", "rng_1.safetensors", "trainable.safetensors", "optimizer.safetensors", "state.json"}

@@ -232,36 +232,35 @@ def run_metrics(mcfg, items_by_policy: dict[str, list[EvalItem]], *, device: str
             run.status[name] = MetricStatus(name, label, "skipped", f"not configured (set {key})", tasks=tasks)
             continue
         t0 = time.perf_counter()
+        metric = None
         try:
             metric = load_metric(name, mcfg, device, dtype, dimensions_by_task)
             if mcfg.normalised:
                 metric = with_normalised(metric)
-        except Exception as e:  # noqa: BLE001 - a broken checkpoint must not take the other metrics down
-            run.status[name] = MetricStatus(name, label, "error", f"cannot load '{specs[name]}': {first_line(e)}",
-                                            spec=specs[name], tasks=tasks, seconds=time.perf_counter() - t0)
-            if log:
-                log(f"[yellow]metric {name}: cannot load '{specs[name]}': {first_line(e)}[/]")
-            continue
-        try:
             vals = _score_all(metric, items_by_policy, batch_size, progress)
-        except Exception as e:  # noqa: BLE001
-            run.status[name] = MetricStatus(name, label, "error", f"scoring failed: {first_line(e)}",
-                                            spec=metric.spec, tasks=tasks, seconds=time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 - a broken checkpoint must not take the other metrics down
+            what = f"scoring failed: {first_line(e)}" if metric is not None else \
+                f"cannot load '{specs[name]}': {first_line(e)}"
+            run.status[name] = MetricStatus(name, label, "error", what, spec=specs[name], tasks=tasks,
+                                            seconds=time.perf_counter() - t0)
             if log:
-                log(f"[yellow]metric {name}: scoring failed: {first_line(e)}[/]")
-                log(traceback.format_exc(limit=3))
+                from rich.markup import escape
+
+                log(f"[yellow]metric {name}: {escape(what)}[/]")
+                if metric is not None:
+                    log(escape(traceback.format_exc(limit=3)))
             continue
         finally:
-            _free(metric if "metric" in locals() else None)
+            info = (metric.columns, metric.tasks, metric.spec) if metric is not None else ([], tasks, specs[name])
+            metric = None  # drop the model before the next one loads
+            _free_memory()
         run.values[name] = vals
-        run.columns.extend(metric.columns)
-        n = sum(len(v) for v in vals.values())
-        note = "" if n else "no benchmark sample of its tasks"
+        run.columns.extend(info[0])
+        note = "" if vals else "no benchmark sample of its tasks"
         if name in NORMALISERS and mcfg.normalised:
             note = (note + "; " if note else "") + f"norm. = {NORMALISERS[name][0]}"
-        run.status[name] = MetricStatus(name, label, "ok", note, spec=metric.spec, tasks=metric.tasks,
+        run.status[name] = MetricStatus(name, label, "ok", note, spec=info[2], tasks=info[1],
                                         seconds=time.perf_counter() - t0)
-        del metric
     return run
 
 
@@ -269,24 +268,25 @@ def _score_all(metric: Metric, items_by_policy, batch_size: int, progress):
     vals: dict[tuple[str, str], dict[str, float]] = {}
     todo = [(p, it) for p, items in items_by_policy.items() for it in items if it.task in metric.tasks]
     task_id = progress.add_task(f"metric {metric.name}", total=len(todo)) if progress is not None else None
-    for i in range(0, len(todo), batch_size):
-        chunk = todo[i:i + batch_size]
-        rows = metric.score([it for _, it in chunk])
-        if len(rows) != len(chunk):
-            raise RuntimeError(f"{metric.name} returned {len(rows)} scores for {len(chunk)} images")
-        for (p, it), row in zip(chunk, rows):
-            vals[(p, it.id)] = {k: float(v) for k, v in row.items()}
+    try:
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i:i + batch_size]
+            rows = metric.score([it for _, it in chunk])
+            if len(rows) != len(chunk):
+                raise RuntimeError(f"{metric.name} returned {len(rows)} scores for {len(chunk)} images")
+            for (p, it), row in zip(chunk, rows):
+                vals[(p, it.id)] = {k: float(v) for k, v in row.items()}
+            if progress is not None:
+                progress.advance(task_id, len(chunk))
+    finally:
         if progress is not None:
-            progress.advance(task_id, len(chunk))
-    if progress is not None:
-        progress.remove_task(task_id)
+            progress.remove_task(task_id)
     return vals
 
 
-def _free(metric):
+def _free_memory():
     import gc
 
-    del metric
     gc.collect()
     try:
         import torch

@@ -46,9 +46,9 @@ MLP_WIDTHS = (1024, 128, 64, 16)
 BLIP_VIT_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu")
 
-# Keys of the official checkpoint that the score never uses (BLIP's contrastive projections, a
-# buffer that old transformers saved).
-IGNORED_KEYS = re.compile(r"^blip\.(vision_proj|text_proj)\.|^blip\.text_encoder\.embeddings\.position_ids$")
+# Keys of the official checkpoint that the score never uses: BLIP's other heads (vision_proj,
+# text_proj, ...) and a buffer that old transformers saved.
+IGNORED_KEYS = re.compile(r"^blip\.(?!visual_encoder\.|text_encoder\.)|^blip\.text_encoder\.embeddings\.position_ids$")
 
 OFFICIAL_TO_PORT = [
     (r"^blip\.visual_encoder\.cls_token$", "visual_encoder.embeddings.class_embedding"),
@@ -113,7 +113,9 @@ def text_config_from_med(med: dict, vision_width: int):
         max_position_embeddings=med["max_position_embeddings"], hidden_act=med.get("hidden_act", "gelu"),
         layer_norm_eps=med.get("layer_norm_eps", 1e-12), hidden_dropout_prob=med.get("hidden_dropout_prob", 0.1),
         attention_probs_dropout_prob=med.get("attention_probs_dropout_prob", 0.1),
-        pad_token_id=med.get("pad_token_id", 0), encoder_hidden_size=vision_width, is_decoder=True)
+        pad_token_id=med.get("pad_token_id", 0), encoder_hidden_size=vision_width, is_decoder=True,
+        # BlipTextConfig's defaults are BLIP's own ids; the encoder never reads them.
+        bos_token_id=med.get("bos_token_id"), eos_token_id=med.get("eos_token_id"), sep_token_id=med.get("sep_token_id"))
 
 
 def port_state_dict(official: dict) -> tuple[dict, list[str]]:
