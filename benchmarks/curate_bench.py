@@ -220,6 +220,7 @@ def main():
     ap.add_argument("--eval-sample", type=int, default=20_000, help="pool points used to measure coverage")
     ap.add_argument("--flat-max-work", type=float, default=5e13, help="skip flat runs above this many flops")
     ap.add_argument("--budget", type=float, default=0.0, help="baseline budget (s); 0 = hierarchical:faiss time")
+    ap.add_argument("--timeout", type=float, default=1800, help="per-configuration time limit (s)")
     ap.add_argument("--embed-images", type=int, default=2000, help="images for the embedding throughput (0 = skip)")
     ap.add_argument("--data-dir", default=None, help="where the synthetic pool is cached (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -265,7 +266,12 @@ def main():
         cmd = [sys.executable, __file__, "--worker", cfg, "--data", str(data), "--result", str(res_file),
                "--select", str(args.select), "--seed", str(args.seed), "--eval-sample", str(args.eval_sample),
                "--budget", str(budget)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            results.append({"config": cfg, "error": f"not finished after {args.timeout:.0f} s (stopped)"})
+            print(json.dumps(results[-1]), flush=True)
+            continue
         if proc.returncode != 0:
             results.append({"config": cfg, "error": proc.stderr.strip().splitlines()[-1:]})
         else:

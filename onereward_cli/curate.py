@@ -36,7 +36,7 @@ from .errors import InputError
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 PASSTHROUGH = ("caption", "objects")
 SHARD_FORMAT = "1"
-# Signatures of formats PIL reads: a file that starts like an image but cannot be parsed is cut short.
+# Signatures of formats PIL reads: a file that starts like an image but cannot be parsed is damaged.
 _MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 
 # Test hook: called after each shard file is written (tests raise from it to simulate a kill).
@@ -135,7 +135,9 @@ def check_image(path: str, min_size: int, draft: int | None = None):
     try:
         im = Image.open(path)
     except UnidentifiedImageError:
-        return None, _unidentified_reason(path), "PIL cannot identify the format"
+        reason = _unidentified_reason(path)
+        return None, reason, ("starts like an image but its header cannot be parsed (cut short or damaged)"
+                              if reason == "corrupt" else "PIL cannot identify the format")
     except Image.DecompressionBombError as e:
         return None, "too large", str(e)
     except OSError as e:
@@ -164,7 +166,7 @@ def _unidentified_reason(path: str) -> str:
             head = f.read(8)
     except OSError:
         return "unreadable"
-    return "truncated" if head.startswith(_MAGIC) else "not an image"
+    return "corrupt" if head.startswith(_MAGIC) else "not an image"
 
 
 def pixel_hash(im) -> int:
@@ -250,11 +252,9 @@ def dist_env() -> tuple[int, int, int]:
 def pick_device(r, local_rank: int) -> str:
     import torch
 
-    if r.device == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if r.device == "cuda":
-        return f"cuda:{local_rank}"
-    return r.device
+    if r.device in ("auto", "cuda") and torch.cuda.is_available():
+        return f"cuda:{local_rank % torch.cuda.device_count()}"  # more ranks than GPUs share them
+    return "cpu" if r.device == "auto" else r.device
 
 
 def embed_fingerprint(r, pool: Pool, preprocess) -> str:
@@ -283,6 +283,9 @@ def embed_pool(r, pool: Pool, emb_dir: Path, *, rank: int = 0, world: int = 1, d
         for p in emb_dir.glob("shard-*.safetensors"):
             if int(p.stem.split("-")[1]) >= len(ranges):
                 p.unlink(missing_ok=True)
+    if world == 1:  # temp files of a write that was killed (other ranks may be writing theirs now)
+        for p in emb_dir.glob(".shard-*"):
+            p.unlink(missing_ok=True)
     stats = {"fingerprint": fp, "shards": len(ranges), "shards_reused": len(mine) - len(todo),
              "shards_computed": 0, "images_embedded": 0, "embed_seconds": 0.0}
     with torch.inference_mode():
@@ -448,7 +451,7 @@ def find_duplicates(x: np.ndarray, hashes: np.ndarray, threshold: float, cells: 
     by_cell = np.argsort(cells, kind="stable")
     bounds = np.flatnonzero(np.r_[True, cells[by_cell][1:] != cells[by_cell][:-1], True])
     groups = [by_cell[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    small = 2e9 / x.shape[1]  # n^2 below this: BLAS threads cost more than they save
+    small = 1.5e9 / x.shape[1]  # n^2 below this: BLAS threads cost more than they save
     with threadpool_limits(limits=1, user_api="blas"):
         for idx in (g for g in groups if len(g) ** 2 < small):
             _near_duplicates_in_cell(x, idx[dup_of[idx] < 0], threshold, dup_of, sim, block)
@@ -721,15 +724,34 @@ def _descend(x, rows, q, *, sel, coarse, path, seed, backend, iters, leaf_quota,
 
 
 def dedup_cells(x: np.ndarray, *, seed: int, backend: str) -> np.ndarray:
-    """A cheap partition into ~sqrt(n) cells for the near-duplicate search: near-duplicates are
-    within ~0.1 of each other, so they almost always share a cell, and comparing all pairs inside
-    cells costs ~n*sqrt(n)*d instead of n^2*d."""
+    """A cheap partition into cells of ~sqrt(n) rows for the near-duplicate search: near-duplicates
+    are within ~0.1 of each other, so they almost always share a cell, and comparing all pairs inside
+    cells costs ~n*sqrt(n)*d instead of n^2*d. Cells over 4x the target (dense regions of real
+    pools) are split again, since their cost grows with the square of their size."""
     n = len(x)
-    k = int(min(math.ceil(math.sqrt(n)), n // 8))
+    target = max(8, math.ceil(math.sqrt(n)))
+    k = int(min(math.ceil(n / target), n // 8))
     if k < 2:
         return np.zeros(n, dtype=np.int64)
     c = kmeans(x, k, iters=8, seed=group_seed(seed, 0xDED), backend=backend, max_points_per_centroid=64)
-    return assign(x, c, backend)[0]
+    labels = assign(x, c, backend)[0]
+    for depth in range(3):
+        sizes = np.bincount(labels)
+        big = np.flatnonzero(sizes > 4 * target)
+        if not len(big):
+            break
+        order = np.argsort(labels, kind="stable")
+        starts = np.r_[0, np.cumsum(sizes)]
+        next_label = len(sizes)
+        for cell in big:
+            rows = order[starts[cell]:starts[cell + 1]]
+            kk = math.ceil(len(rows) / target)
+            cc = kmeans(x[rows], kk, iters=8, seed=group_seed(seed, 0xDED, depth, int(cell)), backend=backend,
+                        max_points_per_centroid=64)
+            sub = assign(x[rows], cc, backend)[0]
+            labels[rows] = np.where(sub == 0, cell, next_label + sub - 1)
+            next_label += kk - 1
+    return labels
 
 
 @dataclass

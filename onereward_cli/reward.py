@@ -18,7 +18,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
 
@@ -147,6 +146,15 @@ class RewardScorer:
             model.eval()
         meta_path = Path(path) / REWARD_META
         trained_with = json.loads(meta_path.read_text()) if meta_path.is_file() else None
+        if trained_with:
+            differ = [k for k in ("query_mode", "bold", "yes_token", "no_token")
+                      if k in trained_with and trained_with[k] != getattr(reward_cfg, k)]
+            if differ:
+                import warnings
+
+                warnings.warn(f"reward model {path} was trained with " + ", ".join(
+                    f"reward.{k}={trained_with[k]!r}" for k in differ) + " but the recipe says " + ", ".join(
+                    f"{getattr(reward_cfg, k)!r}" for k in differ), UserWarning, stacklevel=2)
         return cls(model, processor, yes_id=yes_id, no_id=no_id, normalise=reward_cfg.normalise,
                    max_pixels=reward_cfg.image_size ** 2, path=path, trained_with=trained_with)
 

@@ -101,7 +101,10 @@ def setup_trainable(model, w):
 
         cfg = LoraConfig(r=w.lora_rank, lora_alpha=w.lora_alpha, lora_dropout=w.lora_dropout,
                          target_modules=_lora_target_regex(w.lora_targets), bias="none")
-        model = get_peft_model(model, cfg)
+        try:
+            model = get_peft_model(model, cfg)
+        except ValueError as e:  # no module matched the targets
+            raise InputError(f"LoRA: {str(e).splitlines()[0]}", field="reward.lora_targets") from None
     else:
         base = unwrap(model)
         base.model.language_model.requires_grad_(True)
@@ -262,6 +265,15 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
                               gradient_accumulation_steps=w.grad_accum)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    if sharded and w.lora:
+        raise InputError("LoRA training runs under DDP (recipes/accelerate/ddp.yaml); FSDP/DeepSpeed are for "
+                         "full fine-tuning", field="reward.lora")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # No dataloader goes through prepare(), so DeepSpeed cannot infer these itself.
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = w.batch_size
+        ds["gradient_accumulation_steps"] = w.grad_accum
+        ds["gradient_clipping"] = w.max_grad_norm
     fingerprint = _fingerprint(r, train_path, world)
     ckpt = checkpoints[-1] if checkpoints else None
     state = None
@@ -275,6 +287,16 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
     with manifest.timed("load"):
         scorer = RewardScorer.load(r.models.reward, w, device=accelerator.device, dtype=r.dtype, trainable=True)
     processor = scorer.processor
+    # LoRA starts as an exact no-op (B = 0) and freezing changes no output, so the baseline
+    # evaluation below still measures the untuned model.
+    model = setup_trainable(scorer.model, w)
+    named = trainable_named(model)
+    if not named:
+        raise InputError("nothing to train: enable LoRA, full fine-tuning, train_vision or train_merger",
+                         field="reward")
+    from .models.qwen_vl import Judge
+
+    scorer.model, scorer.judge = model, Judge(model)
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -309,11 +331,6 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
                                                          f"query {w.query_mode}, P(yes) {w.normalise})"))
 
     # -- trainable model, optimizer, schedule --------------------------------------------------
-    model = setup_trainable(scorer.model, w)
-    named = trainable_named(model)
-    if not named:
-        raise InputError("nothing to train: enable LoRA, full fine-tuning, train_vision or train_merger",
-                         field="reward")
     optimizer = torch.optim.AdamW([p for _, p in named], lr=w.lr, weight_decay=w.weight_decay)
     scheduler = make_scheduler(optimizer, w.warmup_steps)
     micro = 0
@@ -331,11 +348,8 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         micro = state["micro"]
 
-    from .models.qwen_vl import Judge
-
-    judge, optimizer = accelerator.prepare(Judge(model), optimizer)
+    judge, optimizer = accelerator.prepare(scorer.judge, optimizer)
     scorer.judge = judge
-    scorer.model = model
     if state is not None:
         if sharded:
             accelerator.load_state(str(ckpt / "accelerate"))
@@ -396,7 +410,8 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
         accelerator.wait_for_everyone()
         if main:
             write_json(tmp / "state.json", {
-                "step": at_step, "micro": micro, "epoch": micro // per_epoch, "fingerprint": fingerprint,
+                "step": at_step, "micro": micro, "epoch": micro // per_epoch, "loss": last_loss,
+                "fingerprint": fingerprint,
                 "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -408,7 +423,8 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
 
     # -- train ---------------------------------------------------------------------------------
     images = ImageCache()
-    loss_acc, n_acc, last_loss = 0.0, 0, float("nan")
+    loss_acc, n_acc = 0.0, 0
+    last_loss = state.get("loss") if state is not None else None
     t0 = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task("train-reward", total=total_steps, completed=step, info="")
@@ -487,13 +503,15 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
                        trainable_params=sum(p.numel() for _, p in named))
         manifest.set(effective_batch_pairs=w.batch_size * w.grad_accum * world, final_loss=last_loss,
                      distributed_type=str(accelerator.distributed_type.value), replicas_in_sync=in_sync,
+                     mixed_precision=accelerator.mixed_precision,
                      normalise=w.normalise, query_mode=w.query_mode, resumed_from=str(ckpt) if ckpt else None,
                      model=scorer.path, final_model=str(final_dir),
                      baseline_accuracy=baseline and baseline["overall"],
                      final_accuracy=final_report and final_report["overall"])
         manifest.data["timings_s"]["train"] = round(train_time, 3)
         manifest.write()
-        console.print(f"[green]reward model[/] {final_dir}  (loss {last_loss:.4f}, {step} steps)")
+        console.print(f"[green]reward model[/] {final_dir}  ({step} steps, last loss "
+                      f"{'n/a' if last_loss is None else format(last_loss, '.4f')})")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_dir

@@ -2,6 +2,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,6 +191,23 @@ def test_gradient_reaches_pixels_with_frozen_weights(scorer, tiny_recipe):
     assert not scorer.model.training
 
 
+def test_activation_checkpointing_keeps_values_and_pixel_gradients(tiny_recipe):
+    sc = RewardScorer.load(tiny_recipe.models.reward, tiny_recipe.reward)
+    first, second = _uint8_images(1, 56, 56, seed=12), _uint8_images(1, 56, 56, seed=13)
+    queries = _queries(tiny_recipe, 1)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            sc.enable_activation_checkpointing()
+        x = first.clone().requires_grad_(True)
+        p = sc.p_yes(x, second, queries)[0]
+        p.sum().backward()
+        grads.append((p.detach(), x.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-6) and grads[1][1].abs().sum() > 0
+    assert all(prm.grad is None for prm in sc.model.parameters())
+
+
 def test_eq3_loss_matches_hand_computation():
     logits_fwd = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
     logits_rev = torch.tensor([[0.0, 1.0, 3.0, -2.0], [1.0, -1.0, 0.0, 0.5]])
@@ -278,7 +296,7 @@ def _split_yes_checkpoint(src, dst):
 def test_multi_token_yes_checkpoint_is_input_error(tmp_path, tiny_recipe):
     from onereward_cli.models.tiny import resolve_model_path
 
-    bad = _split_yes_checkpoint(__import__("pathlib").Path(resolve_model_path("zoo:qwen2.5-vl")), tmp_path / "bad")
+    bad = _split_yes_checkpoint(Path(resolve_model_path("zoo:qwen2.5-vl")), tmp_path / "bad")
     with pytest.raises(InputError, match=r"splits 'yes' into \d tokens") as e:
         RewardScorer.load(str(bad), tiny_recipe.reward)
     assert str(bad) in str(e.value)

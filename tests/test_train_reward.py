@@ -76,7 +76,7 @@ def _final_weights(out: Path) -> dict:
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, zoo):
-    pairs = make_pairs(tmp_path / "pairs", n=3)
+    pairs = make_pairs(tmp_path / "pairs", n=3, test_same=False)  # no test split: no evaluation time
     common = ["reward.lora=true", "reward.lora_rank=4", "reward.lr=1e-2", "reward.warmup_steps=3",
               "reward.save_every=2", "reward.grad_accum=1"]
     straight = tmp_path / "straight"
@@ -109,7 +109,8 @@ def _cli_exit_code(args) -> int:
     return e.value.code
 
 
-@pytest.mark.parametrize("case", ["missing_image", "unknown_dimension", "no_prompt", "split_yes", "not_empty"])
+@pytest.mark.parametrize("case", ["missing_image", "unknown_dimension", "no_prompt", "split_yes", "not_empty",
+                                  "lora_targets"])
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, zoo, case, capsys):
     pairs = make_pairs(tmp_path / "pairs")
     out = tmp_path / "out"
@@ -127,6 +128,8 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, zoo, case, capsys):
 
         bad = _split_yes_checkpoint(Path(zoo) / "qwen2.5-vl", tmp_path / "bad-ckpt")
         extra = ["--set", f"models.reward={bad}"]
+    elif case == "lora_targets":
+        extra = ["--set", "reward.lora=true", "--set", "reward.lora_targets=[qproj]"]
     elif case == "not_empty":
         out.mkdir()
         (out / "something.txt").write_text("x")
@@ -140,16 +143,38 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, zoo, case, capsys):
         assert not out.exists()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_configs_and_7b_recipe_are_valid():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {}
+    for name in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+        cfg = load_config_from_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
+        kinds[name] = cfg.distributed_type.value
+    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+                     "deepspeed_zero3": "DEEPSPEED"}
+    r = load_recipe(str(ROOT / "recipes" / "reward-qwen2.5-vl-7b.yaml"))
+    assert (r.models.reward, r.reward.lr, r.reward.query_mode) == ("Qwen/Qwen2.5-VL-7B-Instruct", 1e-6, "full")
+
+
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tmp_path, zoo):
     """DDP on 2 CPU processes (gloo) with bf16 autocast, grad accumulation and activation checkpointing."""
     pairs = make_pairs(tmp_path / "pairs", n=3)
     out = tmp_path / "out"
     accelerate = Path(sys.executable).parent / "accelerate"
-    # `accelerate launch --cpu` starts ONE process unless run under mpirun; its torchrun launcher
-    # (--multi_gpu) starts two, and the recipe's device: cpu makes them a gloo (MULTI_CPU) group.
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "bf16", "--dynamo_backend", "no", "--main_process_port", "29517",
+    # recipes/accelerate/ddp.yaml uses accelerate's torchrun launcher; with the recipe's device: cpu
+    # the two processes form a gloo (MULTI_CPU) group. (`accelerate launch --cpu` would start ONE
+    # process unless run under mpirun.)
+    cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "recipes/accelerate/ddp.yaml"),
+           "--num_processes", "2", "--main_process_port", str(_free_port()),
            "-m", "onereward_cli.cli", "train-reward", str(pairs), "--out", str(out),
            "--set", "reward.max_steps=2", "--set", "reward.batch_size=1", "--set", "reward.grad_accum=2",
            "--set", "reward.mixed_precision=bf16", "--set", "reward.gradient_checkpointing=true",
@@ -161,6 +186,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, zoo):
     assert run["counts"]["processes"] == 2 and run["counts"]["steps"] == 2
     assert run["effective_batch_pairs"] == 4
     assert run["distributed_type"] == "MULTI_CPU" and run["replicas_in_sync"] is True
+    assert run["mixed_precision"] == "bf16"
     assert [p.name for p in train_reward.list_checkpoints(out)] == ["step-00000001", "step-00000002"]
     assert {p.name for p in (train_reward.list_checkpoints(out)[-1]).iterdir()} >= {
         "rng_0.safetensors", "rng_1.safetensors", "trainable.safetensors", "optimizer.safetensors", "state.json"}
