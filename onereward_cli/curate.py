@@ -446,13 +446,11 @@ def find_duplicates(x: np.ndarray, hashes: np.ndarray, threshold: float, cells: 
     dup_of[order[same]] = first[same]
     sim[order[same]] = 1.0
     # near duplicates inside each cell (rows of a cell stay in pool order: stable sort)
-    from threadpoolctl import threadpool_limits
-
     by_cell = np.argsort(cells, kind="stable")
     bounds = np.flatnonzero(np.r_[True, cells[by_cell][1:] != cells[by_cell][:-1], True])
     groups = [by_cell[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     small = 1.5e9 / x.shape[1]  # n^2 below this: BLAS threads cost more than they save
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _blas_threads(1):
         for idx in (g for g in groups if len(g) ** 2 < small):
             _near_duplicates_in_cell(x, idx[dup_of[idx] < 0], threshold, dup_of, sim, block)
     for idx in (g for g in groups if len(g) ** 2 >= small):
@@ -517,10 +515,22 @@ def _threads_for(flops: float, backend: str):
         finally:
             faiss.omp_set_num_threads(before)
     else:
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(limits=1):
+        with _blas_threads(1):
             yield
+
+
+_CONTROLLER = None
+
+
+def _blas_threads(n: int):
+    """threadpoolctl limit with a cached controller: building one scans the loaded libraries (~15 ms),
+    too slow to repeat for each of thousands of leaf clusters."""
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=n)
 
 
 def kmeans(x: np.ndarray, k: int, *, iters: int, seed: int, backend: str,

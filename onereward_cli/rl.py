@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import random
 import shutil
 import time
@@ -233,8 +232,6 @@ class Policy:
             for n, p in self.trainable.items():
                 p.copy_(params[n])
                 self.ema[n].copy_(ema[n])
-        if self.reference is not None:  # static full fine-tune: the reference never changes
-            pass
 
 
 # ----------------------------------------------------------------------------------------------

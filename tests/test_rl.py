@@ -1,7 +1,6 @@
 """`onereward rl` on the tiny zoo: Alg. 1 / Alg. 2 step semantics, eq. 5, EMA, resume, outputs."""
 import json
 import os
-import random
 import subprocess
 import sys
 from collections import Counter

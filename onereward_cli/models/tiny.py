@@ -52,7 +52,6 @@ def default_zoo_dir() -> Path:
 
 
 def _corpus() -> list[str]:
-    from ..reward import QUERY_TEMPLATE  # noqa: F401 - the query words should tokenise compactly
     from ..tasks import DIMENSION_DEFINITIONS
 
     words = [
