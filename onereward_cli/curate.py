@@ -534,22 +534,22 @@ def _blas_threads(n: int):
 
 
 def kmeans(x: np.ndarray, k: int, *, iters: int, seed: int, backend: str,
-           max_points_per_centroid: int = 256) -> np.ndarray:
-    """k unit-norm centroids for the rows of x (k < len(x))."""
+           max_points_per_centroid: int = 256, plusplus: bool = True) -> np.ndarray:
+    """k unit-norm centroids for the rows of x (k < len(x)), seeded with k-means++ unless told not to."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     work = 2.0 * min(len(x), max_points_per_centroid * k) * k * x.shape[1] * iters
     with _threads_for(work, backend):
         return _kmeans(x, k, iters=iters, seed=seed, backend=backend,
-                       max_points_per_centroid=max_points_per_centroid)
+                       max_points_per_centroid=max_points_per_centroid, plusplus=plusplus)
 
 
-def _kmeans(x, k, *, iters, seed, backend, max_points_per_centroid):
+def _kmeans(x, k, *, iters, seed, backend, max_points_per_centroid, plusplus):
     if backend == "faiss":
         import faiss
 
         km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, spherical=True, verbose=False,
                           min_points_per_centroid=1, max_points_per_centroid=max_points_per_centroid)
-        km.train(x)
+        km.train(x, init_centroids=kmeans_plusplus(x, k, seed) if plusplus else None)
         c = km.centroids
     else:
         from sklearn.cluster import KMeans, MiniBatchKMeans
@@ -561,9 +561,32 @@ def _kmeans(x, k, *, iters, seed, backend, max_points_per_centroid):
             km = MiniBatchKMeans(n_clusters=k, batch_size=max(4096, 3 * k), n_init=1, max_iter=iters,
                                  random_state=seed, init="random" if k > 2000 else "k-means++")
         else:
-            km = KMeans(n_clusters=k, n_init=1, max_iter=iters, random_state=seed)
+            km = KMeans(n_clusters=k, n_init=1, max_iter=iters, random_state=seed,
+                        init="k-means++" if plusplus else "random")
         c = km.fit(x).cluster_centers_.astype(np.float32)
     return _unit(c)
+
+
+def kmeans_plusplus(x: np.ndarray, k: int, seed: int, sample_per_centroid: int = 64) -> np.ndarray:
+    """k-means++ seeding (on a subsample of <= 64 rows per centroid). faiss starts from random rows;
+    spreading the seeds first gives a measurably better selection (see BENCHMARKS.md)."""
+    rng = np.random.default_rng(seed)
+    if len(x) > sample_per_centroid * k:
+        x = x[np.sort(rng.choice(len(x), sample_per_centroid * k, replace=False))]
+    with _blas_threads(1):  # k sequential mat-vec products: threads only add synchronisation
+        return _plusplus_picks(x, k, rng)
+
+
+def _plusplus_picks(x, k, rng):
+    picks = [int(rng.integers(len(x)))]
+    d2 = np.maximum(2.0 - 2.0 * (x @ x[picks[0]]), 0.0).astype(np.float64)  # unit rows: |a-b|^2 = 2-2a.b
+    for _ in range(1, k):
+        cum = np.cumsum(d2)
+        j = int(np.searchsorted(cum, rng.random() * cum[-1], side="right")) if cum[-1] > 0 \
+            else int(rng.integers(len(x)))
+        picks.append(min(j, len(x) - 1))
+        np.minimum(d2, np.maximum(2.0 - 2.0 * (x @ x[j]), 0.0), out=d2)
+    return np.ascontiguousarray(x[picks])
 
 
 def assign(x: np.ndarray, c: np.ndarray, backend: str, block: int = 65536) -> tuple[np.ndarray, np.ndarray]:
@@ -743,7 +766,8 @@ def dedup_cells(x: np.ndarray, *, seed: int, backend: str) -> np.ndarray:
     k = int(min(math.ceil(n / target), n // 8))
     if k < 2:
         return np.zeros(n, dtype=np.int64)
-    c = kmeans(x, k, iters=8, seed=group_seed(seed, 0xDED), backend=backend, max_points_per_centroid=64)
+    c = kmeans(x, k, iters=8, seed=group_seed(seed, 0xDED), backend=backend, max_points_per_centroid=64,
+               plusplus=False)
     labels = assign(x, c, backend)[0]
     for depth in range(3):
         sizes = np.bincount(labels)
@@ -757,7 +781,7 @@ def dedup_cells(x: np.ndarray, *, seed: int, backend: str) -> np.ndarray:
             rows = order[starts[cell]:starts[cell + 1]]
             kk = math.ceil(len(rows) / target)
             cc = kmeans(x[rows], kk, iters=8, seed=group_seed(seed, 0xDED, depth, int(cell)), backend=backend,
-                        max_points_per_centroid=64)
+                        max_points_per_centroid=64, plusplus=False)
             sub = assign(x[rows], cc, backend)[0]
             labels[rows] = np.where(sub == 0, cell, next_label + sub - 1)
             next_label += kk - 1
