@@ -216,7 +216,8 @@ def main():
     ap.add_argument("--select", type=int, default=100_000, help="subset size")
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--configs", default="hierarchical:faiss,hierarchical:sklearn,flat:faiss,flat:sklearn,baseline,random")
+    ap.add_argument("--configs", help="comma-separated: MODE:BACKEND, baseline, random",
+                    default="hierarchical:faiss,hierarchical:sklearn,flat:faiss,flat:sklearn,baseline,random")
     ap.add_argument("--eval-sample", type=int, default=20_000, help="pool points used to measure coverage")
     ap.add_argument("--flat-max-work", type=float, default=5e13, help="skip flat runs above this many flops")
     ap.add_argument("--budget", type=float, default=0.0, help="baseline budget (s); 0 = hierarchical:faiss time")

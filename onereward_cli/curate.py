@@ -950,8 +950,10 @@ def run(r, pool, out, select: int):
             images_per_second=round(stats["images_embedded"] / stats["embed_seconds"], 2)
             if stats["embed_seconds"] else None)
     man.write()
+    ignored = f"; {len(listing.ignored)} non-image files ignored" if listing.ignored else ""
     console.print(f"curate: {len(records)} of {len(listing)} images -> {out / 'curated.jsonl'} "
-                  f"({len(rejected)} rejected: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items())) or 'none'})")
+                  f"({len(rejected)} rejected: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items())) or 'none'}"
+                  f"{ignored})")
     return out / "curated.jsonl"
 
 

@@ -18,7 +18,6 @@
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import re
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .artifacts import RunManifest, append_jsonl, open_image, read_jsonl, save_png, write_json
 from .errors import InputError
-from .metrics import EvalItem, MetricRun, mean_std, resolve_device, run_metrics, torch_dtype
+from .metrics import EvalItem, MetricRun, _free_memory, mean_std, resolve_device, run_metrics, torch_dtype
 from .metrics import gsb as G
 from .metrics import human as H
 from .report import Figure, Grid, Section, Table, print_tables, pyplot, save_figure, write_report
@@ -270,17 +269,6 @@ def generate_edits(recipe, pol: Policy, samples: list[Sample], out: Path, device
         del pipe
         _free_memory()
     return edits, len(todo)
-
-
-def _free_memory():
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001
-        pass
 
 
 # ----------------------------------------------------------------------------------------------

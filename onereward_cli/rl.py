@@ -562,10 +562,12 @@ def heldout_oracle(trainer, conds, n: int = 4) -> float:
                                   len(trainer.sigmas) - 1, guidance=trainer.cfg.guidance,
                                   true_cfg=trainer.cfg.true_cfg, neg_embeds=trainer._neg(len(idx)))
     out = trainer.rollout.decode(trainer.pipe, lat, trainer.cfg.resolution, trainer.cfg.resolution)
+    def to_pil(x):
+        return Image.fromarray((x.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8))
+
     scores = []
     for k, i in enumerate(idx):
         c = conds[i]
-        to_pil = lambda x: Image.fromarray((x.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8))
         s = oracle_scores(to_pil(c.image), (c.mask[0].numpy() * 255).astype(np.uint8), to_pil(out[k]),
                           trainer.r.tasks[c.task].dimensions, c.user_prompt)
         scores.append(sum(s.values()) / len(s))
@@ -610,7 +612,10 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
         for step in range(start, cfg.steps):
             with acc.autocast():
                 loss, idx, t, p_yes, _ = trainer.step(step, rank)
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach()).float().reshape(1)
+            if acc.num_processes > 1:  # every rank skips together, or the gradient all-reduce would hang
+                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+            if finite.item() < 1:
                 counters["nonfinite"] += 1
                 counters["skipped"] += 1
                 trainer.opt.zero_grad(set_to_none=True)

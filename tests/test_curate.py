@@ -1,6 +1,5 @@
 """`onereward curate`: pool listing, honest rejects, sharded resumable embeddings, dedup, flat and
 hierarchical K-means selection on both backends, multi-rank sharding, and the open_clip loader."""
-import io
 import json
 import random
 import shutil
@@ -14,6 +13,7 @@ from onereward_cli import cli, curate
 from onereward_cli.artifacts import load_tensors, read_jsonl
 from onereward_cli.errors import InputError
 from onereward_cli.recipe import load_recipe
+from onereward_cli.synth import make_image
 
 
 def recipe(**curate_keys):
@@ -36,7 +36,7 @@ def bad_pool(synth_pool, tmp_path_factory):
     shutil.copytree(synth_pool / "images", d / "images")
     shutil.copy(d / "images/000001.png", d / "images/dup_copy.png")
     Image.open(d / "images/000003.png").convert("RGB").save(d / "images/reencoded.jpg", quality=95)
-    img, *_ = __import__("onereward_cli.synth", fromlist=["make_image"]).make_image(random.Random(99), 64, 2)
+    img, *_ = make_image(random.Random(99), 64, 2)
     (d / "nested").mkdir()
     img.save(d / "nested/extra.png")
     (d / "images/zero.png").write_bytes(b"")

@@ -189,6 +189,29 @@ def test_mean_reward_rises_with_fixed_reward_model(conditions, zoo, tmp_path):
     assert last > first, (first, last)
 
 
+def test_nonfinite_loss_skips_then_aborts(conditions, zoo, tmp_path, monkeypatch):
+    real = rl.refl_loss
+
+    def nan_loss(p_yes, lam):
+        loss, per = real(p_yes, lam)
+        return loss * float("nan"), per
+
+    monkeypatch.setattr(rl, "refl_loss", nan_loss)
+    out = tmp_path / "nan"
+    rl.run(recipe("rl.steps=2", "rl.save_every=0", "rl.max_nonfinite=5"), conditions, out)
+    assert json.loads((out / "run.json").read_text())["counts"]["nonfinite"] == 2
+    assert not (out / "log.jsonl").exists()  # skipped steps are not logged as trained
+    with pytest.raises(RuntimeError, match="non-finite"):
+        rl.run(recipe("rl.steps=4", "rl.save_every=0", "rl.max_nonfinite=2"), conditions, tmp_path / "nan2")
+
+
+def test_heldout_oracle_is_logged(conditions, zoo, tmp_path):
+    out = tmp_path / "held"
+    rl.run(recipe("rl.steps=2", "rl.save_every=0", "rl.eval_every=1"), conditions, out, heldout=conditions)
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["heldout_oracle"] <= 1.0 for r in log)
+
+
 def test_bad_conditions_exit_2(tmp_path, zoo):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "task": "fill", "source": "nope.png", "mask": "nope.png", "prompt": "x"}\n')

@@ -36,7 +36,8 @@ def open_clip_name(spec: str, pretrained: str = "") -> tuple[str, str | None]:
                              field="models.clip_pretrained")
         if w.suffix != ".safetensors":
             raise InputError("only .safetensors weight files are loaded (nothing is unpickled); convert it "
-                             "with safetensors.torch.save_file(torch.load(...))", path=w, field="models.clip_pretrained")
+                             "with safetensors.torch.save_file(torch.load(...))", path=w,
+                             field="models.clip_pretrained")
     return spec, (pretrained or None)
 
 
