@@ -1,5 +1,6 @@
 """`onereward curate`: pool listing, honest rejects, sharded resumable embeddings, dedup, flat and
 hierarchical K-means selection on both backends, multi-rank sharding, and the open_clip loader."""
+import importlib.util
 import json
 import random
 import shutil
@@ -14,6 +15,9 @@ from onereward_cli.artifacts import load_tensors, read_jsonl
 from onereward_cli.errors import InputError
 from onereward_cli.recipe import load_recipe
 from onereward_cli.synth import make_image
+
+HAS_FAISS = importlib.util.find_spec("faiss") is not None
+needs_faiss = pytest.mark.skipif(not HAS_FAISS, reason="the faiss extra is not installed (pip install .[faiss])")
 
 
 def recipe(**curate_keys):
@@ -177,6 +181,7 @@ def test_changed_pool_invalidates_old_shards(synth_pool, tmp_path):
     assert (emb["shards_reused"], emb["shards_computed"], emb["shards"]) == (0, 3, 3)
 
 
+@needs_faiss
 def test_backends_share_a_format_and_runs_are_deterministic(bad_pool, tmp_path):
     out = tmp_path / "cur"
     formats, outputs, computed = {}, {}, []
@@ -288,7 +293,7 @@ def mean_gap(x, rows):
     return float((1 - (x @ x[rows].T).max(1)).mean())
 
 
-@pytest.mark.parametrize("backend", ["faiss", "sklearn"])
+@pytest.mark.parametrize("backend", [pytest.param("faiss", marks=needs_faiss), "sklearn"])
 @pytest.mark.parametrize("mode", ["flat", "hierarchical"])
 def test_selection_beats_random_and_is_exact_size(mode, backend):
     x = blobs()
@@ -301,6 +306,7 @@ def test_selection_beats_random_and_is_exact_size(mode, backend):
     assert mean_gap(x, rows) < min(random_gaps)
 
 
+@needs_faiss
 def test_duplicates_identical_and_near():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((50, 8)).astype(np.float32)
@@ -366,6 +372,7 @@ def test_load_clip_zoo_folder_and_registered_name_with_safetensors(zoo, tmp_path
         load_clip("No-Such-Model")
 
 
+@needs_faiss
 def test_dedup_cells_split_dense_regions(monkeypatch):
     rng = np.random.default_rng(0)
     dense = rng.standard_normal((1, 16)) + 0.05 * rng.standard_normal((3000, 16))
