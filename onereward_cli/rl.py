@@ -376,7 +376,8 @@ def stack_conditions(conds, idx, device, dtype):
 class Trainer:
     """Holds everything one RL run needs; `step()` is Alg. 1 lines 4-14 for one batch."""
 
-    def __init__(self, recipe, conds, reward_spec: str, dynamic: bool, accelerator=None, log=print):
+    def __init__(self, recipe, conds, reward_spec: str, dynamic: bool, accelerator=None, log=print,
+                 extra_conds=()):
         from . import rollout
         from .models.flux_fill import load_fill_pipeline
         from .reward import RewardScorer, build_query
@@ -392,7 +393,7 @@ class Trainer:
             self.by_task.setdefault(c.task, []).append(i)
         self.pipe = load_fill_pipeline(recipe.models.policy, device=self.device, dtype=self.dtype)
         # Text embeddings once, then drop the text encoders: they are not needed again.
-        prompts = sorted({c.prompt for c in conds})
+        prompts = sorted({c.prompt for c in list(conds) + list(extra_conds)})  # held-out ones too
         emb = rollout.encode_prompts(self.pipe, prompts, max_sequence_length=self.cfg.max_sequence_length,
                                      device=self.device)
         self.prompt_index = {p: i for i, p in enumerate(prompts)}
@@ -590,7 +591,8 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
     reward_spec = reward_model or recipe.models.reward
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(recipe.device == "cpu"))
     rank = acc.process_index
-    trainer = Trainer(recipe, conds, reward_spec, dynamic, accelerator=acc)
+    heldout_conds = load_conditions(recipe, heldout) if heldout else conds
+    trainer = Trainer(recipe, conds, reward_spec, dynamic, accelerator=acc, extra_conds=heldout_conds)
     man = RunManifest("rl-dynamic" if dynamic else "rl", out, recipe,
                       inputs={"data": _resolve_data_file(data), "reward_model": reward_spec})
     out.mkdir(parents=True, exist_ok=True)
@@ -603,7 +605,6 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
     elif log_path.exists():
         log_path.unlink()
     tb = _tensorboard(out / "tensorboard") if acc.is_main_process else None
-    heldout_conds = load_conditions(recipe, heldout) if heldout else conds
     with Progress(TextColumn("[bold]rl{}".format(" (dynamic)" if dynamic else "")), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,

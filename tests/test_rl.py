@@ -207,7 +207,14 @@ def test_nonfinite_loss_skips_then_aborts(conditions, zoo, tmp_path, monkeypatch
 
 def test_heldout_oracle_is_logged(conditions, zoo, tmp_path):
     out = tmp_path / "held"
-    rl.run(recipe("rl.steps=2", "rl.save_every=0", "rl.eval_every=1"), conditions, out, heldout=conditions)
+    held = tmp_path / "heldout.jsonl"  # prompts the training conditions do not have
+    recs = [json.loads(x) for x in conditions.read_text().splitlines()]
+    for r in recs:
+        r["source"] = str(conditions.parent / r["source"])
+        r["mask"] = str(conditions.parent / r["mask"])
+        r["prompt"] = "a blue star" if r["prompt"] else ""
+    held.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rl.run(recipe("rl.steps=2", "rl.save_every=0", "rl.eval_every=1"), conditions, out, heldout=held)
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["heldout_oracle"] <= 1.0 for r in log)
 
