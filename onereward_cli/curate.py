@@ -557,12 +557,14 @@ def _kmeans(x, k, *, iters, seed, backend, max_points_per_centroid, plusplus):
         if len(x) > max_points_per_centroid * k:  # subsample like faiss does: centroids need ~256 points
             rng = np.random.default_rng(seed)
             x = x[np.sort(rng.choice(len(x), max_points_per_centroid * k, replace=False))]
+        # Our k-means++ seeds for both backends: same seeding rule, and sklearn's own greedy variant
+        # upcasts float32 to float64 and dominated the run time (~90% of a hierarchical run).
+        init = kmeans_plusplus(x, k, seed) if plusplus else "random"
         if len(x) * k > 2e8:  # full Lloyd over a big pool is out of reach on CPU; mini-batches are not
             km = MiniBatchKMeans(n_clusters=k, batch_size=max(4096, 3 * k), n_init=1, max_iter=iters,
-                                 random_state=seed, init="random" if k > 2000 else "k-means++")
+                                 random_state=seed, init=init)
         else:
-            km = KMeans(n_clusters=k, n_init=1, max_iter=iters, random_state=seed,
-                        init="k-means++" if plusplus else "random")
+            km = KMeans(n_clusters=k, n_init=1, max_iter=iters, random_state=seed, init=init)
         c = km.fit(x).cluster_centers_.astype(np.float32)
     return _unit(c)
 

@@ -27,20 +27,21 @@ MODE_LABELS = {"none": "Qwen2.5VL* (no task, no dimension)", "task": "Qwen2.5VL*
                "full": "Qwen2.5VL*+task+dimension", "fixed": "fixed query (removal / removal quality)"}
 
 
-def _cells(report: dict) -> dict[tuple[str, str], float]:
-    return {(c["task"], c["dimension"]): c["accuracy"] for c in report.get("cells", [])}
+def _cells(report: dict, key: str = "accuracy") -> dict[tuple[str, str], float]:
+    return {(c["task"], c["dimension"]): c[key] for c in report.get("cells", [])}
 
 
-def accuracy_rows(out: Path) -> tuple[list[tuple[str, str]], list[tuple[str, dict]]]:
-    """(columns, rows) for the Table 1/4 layout from the ablation runs under `out`."""
+def accuracy_rows(out: Path, key: str = "accuracy") -> tuple[list[tuple[str, str]], list[tuple[str, dict]]]:
+    """(columns, rows) for the Table 1/4 layout from the ablation runs under `out`; `key` is
+    "accuracy" (the paper's P(yes|w,l) > 0.5) or "symmetric_accuracy" (P(yes|w,l) > P(yes|l,w))."""
     rows, cols = [], []
     base = out / "reward-full" / "accuracy_baseline.json"
     if base.exists():
-        rows.append(("untuned (no finetune)", _cells(json.loads(base.read_text()))))
+        rows.append(("untuned (no finetune)", _cells(json.loads(base.read_text()), key)))
     for m in MODES:
         f = out / f"reward-{m}" / "accuracy.json"
         if f.exists():
-            rows.append((MODE_LABELS[m], _cells(json.loads(f.read_text()))))
+            rows.append((MODE_LABELS[m], _cells(json.loads(f.read_text()), key)))
     for _, cells in rows:
         for k in cells:
             if k not in cols:
@@ -84,23 +85,27 @@ def run(recipe, out, pairs_dir, conditions, benchmark):
             if not target.exists():
                 target.symlink_to(full_src.resolve(), target_is_directory=True)
             continue
+        if (target / "final").exists():  # finished earlier: a re-run only rewrites the report
+            continue
         r_m = dataclasses.replace(recipe, reward=dataclasses.replace(recipe.reward, query_mode=m))
         train_reward.run(r_m, pairs_dir, target, resume=False)
-    cols, rows = accuracy_rows(rep)
-    t1 = Table(title="Tables 1/4 (miniature): held-out accuracy vs the oracle's picks (%)")
-    t1.add_column("reward model")
-    for task, dim in cols:
-        t1.add_column(f"{task}\n{dim}", justify="right")
-    md_rows = []
-    for name, cells in rows:
-        vals = [("—" if (k not in cells) else f"{100 * cells[k]:.1f}") for k in cols]
-        t1.add_row(name, *vals)
-        md_rows.append([name] + vals)
-    console.print(t1)
     md = ["# Miniature replication", "",
-          "Synthetic pool, oracle annotator as the human labellers, tiny random-init models (see README).", "",
-          "## Tables 1 and 4: query ablation, held-out accuracy (%)", "",
-          _md_table(["reward model"] + [f"{t} / {d}" for t, d in cols], md_rows), ""]
+          "Synthetic pool, oracle annotator as the human labellers, tiny random-init models (see README).", ""]
+    for key, title in (("accuracy", "held-out accuracy, P(yes | winner, loser) > 0.5 (the paper's number)"),
+                       ("symmetric_accuracy", "held-out order-symmetric accuracy, P(yes | w, l) > P(yes | l, w)")):
+        cols, rows = accuracy_rows(rep, key)
+        t1 = Table(title=f"Tables 1/4 (miniature): {title} (%)")
+        t1.add_column("reward model")
+        for task, dim in cols:
+            t1.add_column(f"{task}\n{dim}", justify="right")
+        md_rows = []
+        for name, cells in rows:
+            vals = [("—" if (k not in cells) else f"{100 * cells[k]:.1f}") for k in cols]
+            t1.add_row(name, *vals)
+            md_rows.append([name] + vals)
+        console.print(t1)
+        md += [f"## Tables 1 and 4: query ablation, {title} (%)", "",
+               _md_table(["reward model"] + [f"{t} / {d}" for t, d in cols], md_rows), ""]
     mj = Path(out) / "eval" / "metrics.json"
     if mj.exists():
         tasks, orows = oracle_rows(mj)
