@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .artifacts import (RunManifest, append_jsonl, load_tensors, open_image, read_jsonl, save_tensors,
                         write_json)
+from .checkpointing import optimizer_from_files, optimizer_to_files
 from .errors import InputError
 from .tasks import TASK_KEYS, check_mask, task_prompt
 
@@ -256,27 +257,6 @@ def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool)
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: safetensors for tensors, JSON for the rest; nothing pickled
 # ----------------------------------------------------------------------------------------------
-def _optimizer_tensors(opt) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors, meta = {}, {"param_groups": sd["param_groups"], "state_keys": {}}
-    for idx, st in sd["state"].items():
-        meta["state_keys"][str(idx)] = {}
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v
-                meta["state_keys"][str(idx)][k] = "tensor"
-            else:
-                meta["state_keys"][str(idx)][k] = v
-    return tensors, meta
-
-
-def _load_optimizer(opt, tensors: dict, meta: dict):
-    state = {}
-    for idx, keys in meta["state_keys"].items():
-        state[int(idx)] = {k: (tensors[f"{idx}.{k}"] if v == "tensor" else v) for k, v in keys.items()}
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: dict):
     ck = out / "checkpoints" / f"step-{step:06d}"
     tmp = ck.with_name(f".{ck.name}.tmp")
@@ -284,7 +264,7 @@ def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: 
     tmp.mkdir(parents=True)
     save_tensors(tmp / "policy.safetensors", policy.state_tensors())
     save_tensors(tmp / "ema.safetensors", policy.ema)
-    ot, ometa = _optimizer_tensors(opt)
+    ot, ometa = optimizer_to_files(opt)
     save_tensors(tmp / "optimizer.safetensors", ot or {"_empty": torch.zeros(1)})
     save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
     write_json(tmp / "state.json", {"step": step, "optimizer": ometa, "scheduler": sched.state_dict(),
@@ -303,7 +283,8 @@ def load_checkpoint(out: Path, policy: Policy, opt, sched) -> tuple[int, dict]:
     ck = out / "checkpoints" / info["path"]
     state = json.loads((ck / "state.json").read_text())
     policy.load_state_tensors(load_tensors(ck / "policy.safetensors"), load_tensors(ck / "ema.safetensors"))
-    _load_optimizer(opt, load_tensors(ck / "optimizer.safetensors"), state["optimizer"])
+    ot = {k: v for k, v in load_tensors(ck / "optimizer.safetensors").items() if k != "_empty"}
+    opt.load_state_dict(optimizer_from_files(ot, state["optimizer"]))
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(load_tensors(ck / "rng.safetensors")["torch"])
     return int(state["step"]), state.get("counters", {})

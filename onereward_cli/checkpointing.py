@@ -1,0 +1,59 @@
+"""Training state as safetensors + JSON (nothing pickled), shared by `train-reward` and `rl`."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+
+def optimizer_to_files(optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, v in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_to_files() -> tuple[dict, dict]:
+    import numpy as np
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    np_state = np.random.get_state()
+    meta = {"python": _jsonable(random.getstate()),
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    return tensors, meta
+
+
+def rng_from_files(tensors: dict, meta: dict):
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_tupled(meta["python"]))
+    s = meta["numpy"]
+    np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _tupled(x):
+    return tuple(_tupled(v) for v in x) if isinstance(x, list) else x
