@@ -9,6 +9,7 @@ tiny-models -> synth -> curate -> generate -> annotate --oracle -> export-pairs 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .artifacts import read_jsonl, strip_meta, write_jsonl
+from .errors import InputError
 
 console = Console(stderr=True)
 
@@ -64,7 +66,14 @@ def run(recipe, out, replicate: bool = False):
     from .models.tiny import build_zoo
 
     out = Path(out)
+    marker = out / ".onereward-demo"
+    if out.exists() and any(out.iterdir()):
+        if not marker.exists():  # never delete a folder the demo did not make
+            raise InputError("folder exists and was not made by `onereward demo`; choose another --out", path=out)
+        console.print(f"demo: replacing the previous demo run in {out}")
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by `onereward demo`; the next demo run replaces this folder\n")
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     with _stage("tiny-models", t):

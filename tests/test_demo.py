@@ -21,3 +21,16 @@ def test_demo_runs_the_whole_chain(zoo, tmp_path):
     m = json.loads((out / "eval" / "metrics.json").read_text())
     assert len(m["policies"]) == 3  # static vs base vs dynamic
     assert json.loads((out / "rl-dynamic" / "run.json").read_text())["mode"].startswith("dynamic")
+
+
+def test_demo_refuses_a_foreign_folder_and_replaces_its_own(zoo, tmp_path):
+    import pytest
+
+    from onereward_cli.errors import InputError
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("user data")
+    with pytest.raises(InputError):
+        demo.run(load_recipe("tiny", SMALL), foreign)
+    assert (foreign / "keep.txt").exists()
