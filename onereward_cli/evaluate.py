@@ -31,9 +31,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .artifacts import RunManifest, append_jsonl, open_image, read_jsonl, save_png, write_json
 from .errors import InputError
-from .metrics import EvalItem, MetricRun, _free_memory, mean_std, resolve_device, run_metrics, torch_dtype
+from .metrics import EvalItem, MetricRun, _free_memory, mean_std, run_metrics
 from .metrics import gsb as G
 from .metrics import human as H
+from .recipe import resolve_device, torch_dtype
 from .report import Figure, Grid, Section, Table, print_tables, pyplot, save_figure, write_report
 
 console = Console(stderr=True)

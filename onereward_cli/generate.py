@@ -379,14 +379,10 @@ def _dist_state(recipe):
 def _device_dtype(recipe, state):
     import torch
 
-    if state is not None:
-        device = state.device
-    elif recipe.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(recipe.device)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.dtype]
-    return device, dtype
+    from .recipe import resolve_device, torch_dtype
+
+    device = state.device if state is not None else torch.device(resolve_device(recipe.device))
+    return device, torch_dtype(recipe.dtype)
 
 
 def run(recipe, input, out, candidates: int, limit: int = 0):

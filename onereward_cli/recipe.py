@@ -478,6 +478,22 @@ def validate(r: Recipe) -> Recipe:
     return r
 
 
+def resolve_device(device: str) -> str:
+    """The recipe's `device` as a torch device string ("auto": CUDA when there is one)."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def torch_dtype(name: str):
+    """The recipe's `dtype` name as a torch dtype."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
 def resolve_recipe_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or p.is_file():  # a folder named like a bundled recipe is not one

@@ -15,6 +15,7 @@ checkpoint only needs weights, EMA, optimizer, scheduler and the step counter.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import random
@@ -30,6 +31,7 @@ from .artifacts import (RunManifest, append_jsonl, load_tensors, open_image, rea
                         write_json)
 from .checkpointing import optimizer_from_files, optimizer_to_files
 from .errors import InputError
+from .recipe import resolve_device, torch_dtype
 from .tasks import TASK_KEYS, check_mask, task_prompt
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -182,48 +184,34 @@ class Policy:
         if not self.lora and not dynamic:
             self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
 
+    @contextlib.contextmanager
     def reference_transformer(self):
-        """A context manager yielding the transformer that plays pi_ref for this step."""
-        import contextlib
+        """Yield the transformer that plays pi_ref for this step."""
+        if self.lora and not self.dynamic:
+            self.transformer.disable_adapters()
+            try:
+                yield self.transformer
+            finally:
+                self.transformer.enable_adapters()
+        elif self.dynamic:
+            with self.swapped_in_ema():
+                yield self.transformer
+        else:
+            yield self.reference
 
-        pol = self
-
-        @contextlib.contextmanager
-        def ctx():
-            if pol.lora and not pol.dynamic:
-                pol.transformer.disable_adapters()
-                try:
-                    yield pol.transformer
-                finally:
-                    pol.transformer.enable_adapters()
-            elif pol.dynamic:
-                with pol.swapped_in_ema():
-                    yield pol.transformer
-            else:
-                yield pol.reference
-
-        return ctx()
-
+    @contextlib.contextmanager
     def swapped_in_ema(self):
         """Temporarily load the EMA weights into the trainable parameters (no extra model copy)."""
-        import contextlib
-
-        pol = self
-
-        @contextlib.contextmanager
-        def ctx():
-            stash = {n: p.detach().clone() for n, p in pol.trainable.items()}
+        stash = {n: p.detach().clone() for n, p in self.trainable.items()}
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                p.copy_(self.ema[n].to(p.dtype))
+        try:
+            yield
+        finally:
             with torch.no_grad():
-                for n, p in pol.trainable.items():
-                    p.copy_(pol.ema[n].to(p.dtype))
-            try:
-                yield
-            finally:
-                with torch.no_grad():
-                    for n, p in pol.trainable.items():
-                        p.copy_(stash[n])
-
-        return ctx()
+                for n, p in self.trainable.items():
+                    p.copy_(stash[n])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in self.trainable.items()}
@@ -338,16 +326,6 @@ def plot_reward_curves(log_path: Path, png: Path, window: int = 5):
 # ----------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------
-def _device(recipe):
-    if recipe.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return recipe.device
-
-
-def _dtype(recipe):
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.dtype]
-
-
 def stack_conditions(conds, idx, device, dtype):
     images = torch.stack([conds[i].image for i in idx]).to(device, dtype)
     masks = torch.stack([conds[i].mask for i in idx]).to(device, dtype)
@@ -357,17 +335,16 @@ def stack_conditions(conds, idx, device, dtype):
 class Trainer:
     """Holds everything one RL run needs; `step()` is Alg. 1 lines 4-14 for one batch."""
 
-    def __init__(self, recipe, conds, reward_spec: str, dynamic: bool, accelerator=None, log=print,
-                 extra_conds=()):
+    def __init__(self, recipe, conds, reward_spec: str, dynamic: bool, accelerator=None, extra_conds=()):
         from . import rollout
         from .models.flux_fill import load_fill_pipeline
         from .reward import RewardScorer, build_query
 
-        self.r, self.cfg, self.dynamic, self.log = recipe, recipe.rl, dynamic, log
+        self.r, self.cfg, self.dynamic = recipe, recipe.rl, dynamic
         self.rollout, self.build_query = rollout, build_query
         self.acc = accelerator
-        self.device = accelerator.device if accelerator is not None else torch.device(_device(recipe))
-        self.dtype = _dtype(recipe)
+        self.device = accelerator.device if accelerator is not None else torch.device(resolve_device(recipe.device))
+        self.dtype = torch_dtype(recipe.dtype)
         self.conds = conds
         self.by_task: dict[str, list[int]] = {}
         for i, c in enumerate(conds):
@@ -407,22 +384,15 @@ class Trainer:
     def _neg(self, n):
         return None if self.neg is None else self.neg.select([0] * n)
 
+    @contextlib.contextmanager
     def _timed(self, name):
-        import contextlib
-
-        trainer = self
-
-        @contextlib.contextmanager
-        def ctx():
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            yield
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
-            trainer.timers[name] = trainer.timers.get(name, 0.0) + time.perf_counter() - t
-
-        return ctx()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - t
 
     def _noise(self, n, gen):
         res = self.cfg.resolution
@@ -577,7 +547,7 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
     man = RunManifest("rl-dynamic" if dynamic else "rl", out, recipe,
                       inputs={"data": _resolve_data_file(data), "reward_model": reward_spec})
     out.mkdir(parents=True, exist_ok=True)
-    start, counters = 0, {"nonfinite": 0, "skipped": 0}
+    start, counters = 0, {"nonfinite": 0}
     log_path = out / "log.jsonl"
     if resume and (out / "checkpoints" / "latest.json").exists():
         start, counters = load_checkpoint(out, trainer.policy, trainer.opt, trainer.sched)
@@ -599,7 +569,6 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
                 torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
             if finite.item() < 1:
                 counters["nonfinite"] += 1
-                counters["skipped"] += 1
                 trainer.opt.zero_grad(set_to_none=True)
                 console.print(f"[yellow]warning:[/] step {step}: non-finite loss, step skipped "
                               f"({counters['nonfinite']}/{cfg.max_nonfinite})")

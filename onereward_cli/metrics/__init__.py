@@ -113,20 +113,6 @@ def clip_preprocess(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD)
     return (x - m) / s
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def resolve_spec(spec: str) -> str:
     from ..models.tiny import resolve_model_path
 
