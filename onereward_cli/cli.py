@@ -50,19 +50,27 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version_cb,
 
 @app.command("tiny-models")
 def tiny_models(
-    out: Path = typer.Argument(None, help="Directory for the zoo (default: the cache, $ONEREWARD_ZOO)."),
-    seed: int = typer.Option(0, help="Seed for the random weights (same seed, same bytes)."),
-    force: bool = typer.Option(False, help="Rebuild models that already exist."),
+    out: Path = typer.Argument(None, help="Directory for the zoo (default: --trained prints where it is installed; "
+                                          "--random builds into the cache, $ONEREWARD_ZOO)."),
+    trained: bool = typer.Option(True, "--trained/--random",
+                                 help="The trained zoo shipped with the package (zoo:NAME), or a random-init build "
+                                      "of the same architectures (zoo-random:NAME)."),
+    seed: int = typer.Option(0, help="--random: seed for the weights (same seed, same bytes)."),
+    force: bool = typer.Option(False, help="Overwrite models that already exist in OUT."),
 ):
-    """Build the offline tiny model zoo (FLUX Fill, Qwen2.5-VL, open_clip) in the real HF formats.
+    """The offline tiny zoo (FLUX Fill, Qwen2.5-VL, open_clip) in the real HF formats.
 
-    Example: onereward tiny-models ./zoo
+    Example: onereward tiny-models ./zoo            (a copy of the trained zoo, hashes checked)
+             onereward tiny-models ./zoo --random   (random init; retrain with python -m onereward_cli.pretrain)
     """
-    from .models.tiny import ZOO_MODELS, build_zoo
+    from .models.tiny import ZOO_MODELS, build_zoo, copy_trained_zoo, trained_zoo_dir
 
-    d = build_zoo(out, seed=seed, force=force)
+    if trained:
+        d = copy_trained_zoo(out, force=force) if out is not None else trained_zoo_dir()
+    else:
+        d = build_zoo(out, seed=seed, force=force)
     for name in ZOO_MODELS:
-        console.print(f"[green]built[/] {d / name}")
+        console.print(f"[green]{'trained' if trained else 'random'}[/] {d / name}")
 
 
 @app.command()

@@ -46,37 +46,88 @@ def _draw_shape(d: ImageDraw.ImageDraw, shape: str, box, color):
         d.polygon(pts, fill=color)
 
 
-def _background(size: int, rng: random.Random, color_name: str, texture: str) -> Image.Image:
-    base = np.array(COLORS[color_name], dtype=np.float32) * 0.55 + 60
-    img = np.tile(base, (size, size, 1))
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+def _texture_period(rng: random.Random, texture: str) -> int | None:
+    """The texture's period in pixels, drawn as the renderer always drew it (stripes, dots)."""
     if texture == "stripes":
-        period = rng.choice([6, 8, 12])
+        return rng.choice([6, 8, 12])
+    if texture == "dots":
+        return rng.choice([8, 10])
+    return None
+
+
+def render_background(width: int, height: int, color_name: str, texture: str, period: int | None,
+                      origin: tuple[int, int] = (0, 0), base_size: int | None = None) -> Image.Image:
+    """The background of a scene, `width` x `height` pixels, with the scene's own (0, 0) at `origin`.
+
+    A scene drawn on a larger canvas with its origin shifted continues the same pattern beyond its
+    borders (stripes, dots, a gradient extrapolated), so a crop at `origin` is the original scene
+    pixel for pixel: the ground truth of an image extension. `base_size` is the scene's own height
+    (the gradient's scale); it defaults to `height`.
+    """
+    base = np.array(COLORS[color_name], dtype=np.float32) * 0.55 + 60
+    img = np.tile(base, (height, width, 1))
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    xx -= origin[0]
+    yy -= origin[1]
+    if texture == "stripes":
         img += (((xx + yy) // (period / 2)) % 2)[..., None] * 30
     elif texture == "dots":
-        period = rng.choice([8, 10])
         img += ((((xx % period) - period / 2) ** 2 + ((yy % period) - period / 2) ** 2) < 4)[..., None] * 40
     elif texture == "gradient":
-        img += (yy / size * 60 - 30)[..., None]
+        img += (yy / (base_size or height) * 60 - 30)[..., None]
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def make_image(rng: random.Random, size: int, n_objects: int):
+def _background(size: int, rng: random.Random, color_name: str, texture: str) -> Image.Image:
+    return render_background(size, size, color_name, texture, _texture_period(rng, texture))
+
+
+def scene_spec(rng: random.Random, size: int, n_objects: int) -> dict:
+    """A random scene: {"size", "background": {"color", "texture", "period"}, "objects": [...]}.
+
+    Consumes `rng` exactly as the pool renderer always has, so pools keep their bytes."""
     bg_color = rng.choice(list(COLORS))
     texture = rng.choice(TEXTURES)
-    img = _background(size, rng, bg_color, texture)
-    d = ImageDraw.Draw(img)
+    period = _texture_period(rng, texture)
     objects = []
     for _ in range(n_objects):
         s = rng.randint(size // 5, size // 2)
         x0, y0 = rng.randint(0, size - s), rng.randint(0, size - s)
         shape = rng.choice(SHAPES)
         color = rng.choice([c for c in COLORS if c != bg_color])
-        _draw_shape(d, shape, (x0, y0, x0 + s, y0 + s), COLORS[color])
         objects.append({"shape": shape, "color": color, "box": [x0, y0, x0 + s, y0 + s]})
-    desc = " and ".join(f"a {o['color']} {o['shape']}" for o in objects)
-    caption = f"{desc} on a {bg_color} {texture if texture != 'plain' else 'plain'} background"
-    return img, caption, {"color": bg_color, "texture": texture}, objects
+    return {"size": size, "background": {"color": bg_color, "texture": texture, "period": period},
+            "objects": objects}
+
+
+def render_scene(spec: dict, width: int | None = None, height: int | None = None,
+                 origin: tuple[int, int] = (0, 0), objects: list[dict] | None = None) -> Image.Image:
+    """Draw a scene spec: its background, then its objects in order (later ones on top).
+
+    `width`/`height`/`origin` place the scene on a larger canvas (see `render_background`);
+    `objects` replaces the spec's objects (e.g. the scene without the removed one)."""
+    size = spec["size"]
+    bg = spec["background"]
+    img = render_background(width or size, height or size, bg["color"], bg["texture"], bg.get("period"),
+                            origin, base_size=size)
+    d = ImageDraw.Draw(img)
+    ox, oy = origin
+    for o in spec["objects"] if objects is None else objects:
+        x0, y0, x1, y1 = o["box"]
+        _draw_shape(d, o["shape"], (x0 + ox, y0 + oy, x1 + ox, y1 + oy), COLORS[o["color"]])
+    return img
+
+
+def caption_of(spec: dict) -> str:
+    desc = " and ".join(f"a {o['color']} {o['shape']}" for o in spec["objects"])
+    bg = spec["background"]
+    return f"{desc} on a {bg['color']} {bg['texture']} background"
+
+
+def make_image(rng: random.Random, size: int, n_objects: int):
+    spec = scene_spec(rng, size, n_objects)
+    bg = spec["background"]
+    return render_scene(spec), caption_of(spec), dict(bg), spec["objects"]
 
 
 def run(recipe, out, n: int, seed: int):

@@ -1,5 +1,7 @@
-"""Shared fixtures. Everything runs offline: the tiny zoo is built once per session (or reused from
-$ONEREWARD_ZOO / the cache) and every stage loads it through the same code as real checkpoints."""
+"""Shared fixtures. Everything runs offline. `zoo` is the trained tiny zoo that `zoo:NAME` resolves to
+(shipped in the package, or $ONEREWARD_TRAINED_ZOO); `zoo_random` is the random-init build of the same
+architectures (cached under $ONEREWARD_ZOO), which `zoo-random:NAME` resolves to. Every stage loads
+either through the same code as real checkpoints."""
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -10,13 +12,23 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def zoo(tmp_path_factory):
-    """Path of the tiny zoo (flux-fill/, qwen2.5-vl/, open-clip/), built once and shared."""
+def zoo_random(tmp_path_factory):
+    """Path of the random-init zoo (flux-fill/, qwen2.5-vl/, open-clip/), built once and shared."""
     from onereward_cli.models.tiny import build_zoo, default_zoo_dir
 
     if "ONEREWARD_ZOO" not in os.environ:
         os.environ["ONEREWARD_ZOO"] = str(default_zoo_dir())
     return build_zoo()
+
+
+@pytest.fixture(scope="session")
+def zoo(zoo_random):
+    """Path of the trained zoo (flux-fill/, qwen2.5-vl/, open-clip/), its files checked against the manifest."""
+    from onereward_cli.models.tiny import ZOO_MODELS, trained_zoo_dir, verify_trained
+
+    for name in ZOO_MODELS:
+        verify_trained(name)
+    return trained_zoo_dir()
 
 
 @pytest.fixture(scope="session")

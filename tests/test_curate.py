@@ -81,7 +81,7 @@ def test_flat_folder_rejects_duplicates_and_writes_every_output(bad_pool, tmp_pa
     assert man["counts"]["rejected_by_reason"] == {"duplicate": 2, "not an image": 1, "too small": 1,
                                                    "truncated": 1, "zero-byte": 1}
     index = json.loads((out / "embeddings/index.json").read_text())
-    assert index["complete"] and index["n_inputs"] == 23 and index["dim"] == 16
+    assert index["complete"] and index["n_inputs"] == 23 and index["dim"] == 32
     assert len(read_jsonl(out / "embeddings/inputs.jsonl")) == 23
 
 
@@ -114,7 +114,7 @@ def test_hierarchical_manifest_passes_fields_through(synth_pool, tmp_path):
         assert c["path"] == str((synth_pool / m["path"]).resolve())
         assert c["coarse_cluster"] in (0, 1)
     t = load_tensors(out / "centroids.safetensors")
-    assert tuple(t["coarse_centroids"].shape) == (2, 16)
+    assert tuple(t["coarse_centroids"].shape) == (2, 32)
     _check_geometry(out, cur)
     # each coarse cluster gets a share proportional to its size, at least one
     assert {c["coarse_cluster"] for c in cur} == {0, 1}
@@ -351,7 +351,7 @@ def test_load_clip_zoo_folder_and_registered_name_with_safetensors(zoo, tmp_path
 
     m1, pre, tok = load_clip("zoo:open-clip")
     m2, _, _ = load_clip(str(Path(zoo) / "open-clip"))
-    px = torch.rand(2, 3, 32, 32)
+    px = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         e1 = encode_images(m1, px)
         assert torch.allclose(e1, encode_images(m2, px))

@@ -48,7 +48,7 @@ def test_training_memorises_pairs_and_saves_a_loadable_model(tmp_path, zoo):
     from onereward_cli.reward import RewardScorer, build_query, load_image_tensor
 
     pairs = make_pairs(tmp_path / "pairs")
-    r = recipe("reward.max_steps=36", "reward.lr=2e-2", "reward.train_vision=true", "reward.max_grad_norm=0")
+    r = recipe("reward.max_steps=36", "reward.lr=5e-3", "reward.train_vision=true", "reward.max_grad_norm=0")
     out = tmp_path / "out"
     final = train_reward.run(r, pairs, out)
 

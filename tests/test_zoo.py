@@ -21,10 +21,10 @@ def _cli():
 
 @pytest.fixture(scope="module")
 def two_zoos(tmp_path_factory):
-    """Two zoos built by two separate `onereward tiny-models DIR --force` processes."""
+    """Two random zoos built by two separate `onereward tiny-models DIR --random --force` processes."""
     dirs = [tmp_path_factory.mktemp("zoo_a"), tmp_path_factory.mktemp("zoo_b")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    procs = [subprocess.Popen(_cli() + ["tiny-models", str(d), "--force"], env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen(_cli() + ["tiny-models", str(d), "--random", "--force"], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for d in dirs]
     for p in procs:
         out, err = p.communicate(timeout=600)
@@ -134,7 +134,7 @@ def test_open_clip_loads_from_local_dir(two_zoos):
     with torch.no_grad():
         fi = model.encode_image(torch.stack([preprocess(im) for im in imgs]), normalize=True)
         ft = model.encode_text(tokenizer(["a red circle", "a blue square on a striped background"]), normalize=True)
-    assert fi.shape == (3, 16) and ft.shape == (2, 16)
+    assert fi.shape == (3, 32) and ft.shape == (2, 32)
     assert torch.isfinite(fi).all() and torch.isfinite(ft).all()
     assert torch.allclose(fi.norm(dim=-1), torch.ones(3), atol=1e-5)
 
@@ -146,3 +146,10 @@ def test_resolve_model_path(zoo):
     with pytest.raises(InputError) as exc:
         resolve_model_path("zoo:flux-fil")
     assert "flux-fill" in str(exc.value)
+
+
+def test_resolve_random_and_trained_zoo(zoo, zoo_random):
+    assert resolve_model_path("zoo-random:qwen2.5-vl") == str(zoo_random / "qwen2.5-vl")
+    assert resolve_model_path("zoo:qwen2.5-vl") == str(zoo / "qwen2.5-vl")
+    with pytest.raises(InputError, match="unknown zoo model"):
+        resolve_model_path("zoo-random:nope")

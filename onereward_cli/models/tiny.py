@@ -1,9 +1,15 @@
 """The offline tiny model zoo: real architectures at toy sizes, saved in the real HF formats.
 
-Nothing here downloads. Every model is randomly initialised from a fixed seed and saved so that the
-public loaders read it (`FluxFillPipeline.from_pretrained`, `AutoModelForImageTextToText` /
-`AutoProcessor.from_pretrained`, open_clip's factory). Later stages load the zoo through exactly the
-code they use for real checkpoints. Same seed, same bytes.
+Nothing here downloads. This module builds the architectures, randomly initialised from a fixed seed
+(same seed, same bytes), and resolves the `zoo:` specs. The public loaders read every zoo folder
+(`FluxFillPipeline.from_pretrained`, `AutoModelForImageTextToText` / `AutoProcessor.from_pretrained`,
+open_clip's factory), so later stages load the zoo through exactly the code they use for real
+checkpoints.
+
+Two zoos share these architectures:
+    zoo:NAME          the trained zoo shipped with the package (onereward_cli/zoo/, trained on the
+                      synthetic world by `python -m onereward_cli.pretrain`; sha256 in manifest.json)
+    zoo-random:NAME   the random-init build, cached under $ONEREWARD_ZOO (fast, bit-exact rebuilds)
 
 Layout of a zoo directory:
     flux-fill/        FluxFillPipeline (transformer, vae, CLIP + T5 text encoders, tokenizers, scheduler)
@@ -17,7 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
-ZOO_VERSION = "1"
+ZOO_VERSION = "2"  # bump when an architecture, tokenizer or processor changes
 ZOO_MODELS = ("flux-fill", "qwen2.5-vl", "open-clip")
 
 # The Qwen2-VL chat template semantics for our use (system turn inserted, images as vision pads).
@@ -51,6 +57,16 @@ def default_zoo_dir() -> Path:
     return cache / "onereward" / f"zoo-v{ZOO_VERSION}"
 
 
+# Words of the synthetic world (synth.py), the pretraining questions and the reward query: the
+# tiny tokenizers make them whole tokens, so toy-sized models can learn what they mean.
+WORLD_WORDS = ("red green blue yellow purple orange white black circle square triangle star "
+               "plain stripes dots gradient background a an and on of the is are in with").split()
+QA_WORDS = ("what which where how many colour color shape texture objects object image images first second "
+            "both same different one two three four none left right top bottom centre middle "
+            "yes no Yes No is there does do show describe larger smaller more fewer noisy blurry clean sharp "
+            "picture this that these answer word words with one").split()
+
+
 def _corpus() -> list[str]:
     from ..tasks import DIMENSION_DEFINITIONS
 
@@ -60,10 +76,15 @@ def _corpus() -> list[str]:
         "The evaluation criteria is text alignment. The prompt of the two image is a red circle.",
         "image extend object removal consistency structure aesthetics removal quality **first** **second**",
         "yes no Yes No YES NO yes. no. You are a helpful assistant. system user assistant",
-        "red green blue yellow purple orange white black circle square triangle star stripes dots on a background",
         "remove high-definition, perfect composition",
+        " ".join(WORLD_WORDS), " ".join(QA_WORDS),
+        "What colour is the background? What texture is the background? How many objects are there? "
+        "What shape is the red object? What colour is the circle? Is there a blue star? Describe the image. "
+        "Where is the green square? Which image shows more objects? Answer first or second. "
+        "Do both images have the same background? Is the image noisy? Is the image blurry?",
     ] + list(DIMENSION_DEFINITIONS.values())
-    return words * 4
+    # Each word alone too: an answer right after "assistant\n" has no leading space.
+    return words * 4 + (WORLD_WORDS + QA_WORDS) * 4
 
 
 def build_qwen_vl(out: Path, seed: int = 0):
@@ -79,7 +100,7 @@ def build_qwen_vl(out: Path, seed: int = 0):
         pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.train_from_iterator(_corpus(), trainers.BpeTrainer(
-        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        vocab_size=512, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     m = json.loads(bpe.to_str())["model"]
     vocab = dict(m["vocab"])
     merges = [tuple(x) if not isinstance(x, str) else tuple(x.split(" ")) for x in m["merges"]]
@@ -93,27 +114,45 @@ def build_qwen_vl(out: Path, seed: int = 0):
                          eos_token="<|im_end|>", pad_token="<|endoftext|>", errors="replace")
     tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[1:]})
     tok.chat_template = CHAT_TEMPLATE
-    kw = dict(min_pixels=784, max_pixels=3136 * 4, patch_size=14, merge_size=2, temporal_patch_size=2)
+    # min_pixels 112^2: a 64 px edit is shown to the ViT at 112 px (8x8 patches of 14 px, 16 merged
+    # tokens), enough to see a shape; real checkpoints keep their own 56^2 floor.
+    kw = dict(min_pixels=112 * 112, max_pixels=224 * 224, patch_size=14, merge_size=2, temporal_patch_size=2)
     proc = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok,
                                video_processor=Qwen2VLVideoProcessor(**kw), chat_template=CHAT_TEMPLATE)
     ids = {s: tok.convert_tokens_to_ids(s) for s in QWEN_SPECIAL}
+    # Qwen2.5-VL-7B's layout at toy width: GQA (2 kv heads), mrope sections in the 7B's 2:3:3 ratio,
+    # windowed ViT blocks with full attention every second block, untied LM head.
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=172, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         max_window_layers=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
-                         bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=32, num_heads=4, out_hidden_size=32,
+                         max_window_layers=4,
+                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+                         bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                         tie_word_embeddings=False, initializer_range=0.1),
+        vision_config=dict(depth=4, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
-                           fullatt_block_indexes=[1]),
+                           fullatt_block_indexes=[1, 3], initializer_range=0.1),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
+        # The 7B's 0.02 is ~1/sqrt(width) at width 4096; at width 64 it leaves every block a near-linear
+        # no-op that takes thousands of steps to wake up. 0.1 is ~1/sqrt(64).
+        initializer_range=0.1,
     )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     model.save_pretrained(out)
     proc.save_pretrained(out)
+
+
+def t5_vocab() -> list[tuple[str, float]]:
+    """Unigram pieces: whole words of the synthetic world (score -1) over a character fallback."""
+    ch = [chr(i) for i in range(33, 127)]
+    words = list(dict.fromkeys(WORLD_WORDS + ["remove", "high-definition,", "perfect", "composition",
+                                              "blurry", "nsfw", "low", "quality"]))
+    whole = [("\u2581" + w, -1.0) for w in words if len(w) > 1]
+    return ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)] + whole
+            + [("\u2581" + c, -3.0) for c in ch] + [(c, -4.0) for c in ch])
 
 
 def build_flux_fill(out: Path, seed: int = 0):
@@ -129,21 +168,22 @@ def build_flux_fill(out: Path, seed: int = 0):
     for c in alpha:
         vocab[c + "</w>"] = len(vocab)
     tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    ch = [chr(i) for i in range(33, 127)]
-    t5v = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)] + [("▁" + c, -3.0) for c in ch] \
-        + [(c, -4.0) for c in ch]
+    t5v = t5_vocab()
     tok2 = T5Tokenizer(vocab=t5v, extra_ids=0)
     torch.manual_seed(seed)
-    tr = FluxTransformer2DModel(patch_size=1, in_channels=48, out_channels=16, num_layers=1, num_single_layers=1,
-                                attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    # FLUX.1-Fill-dev's layout at toy width: 64 = 4 heads x 16 (rope axes in the real 2:7:7-ish split),
+    # double-stream then single-stream blocks, Fill input = 16 noisy + 16 masked-image + 16 mask channels.
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=48, out_channels=16, num_layers=2, num_single_layers=4,
+                                attention_head_dim=16, num_attention_heads=4, joint_attention_dim=64,
+                                pooled_projection_dim=32, axes_dims_rope=[4, 6, 6], guidance_embeds=True)
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        block_out_channels=(16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                         shift_factor=0.1159, scaling_factor=0.3611)
-    te = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=514, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                                       num_hidden_layers=2, projection_dim=32, bos_token_id=0, eos_token_id=1,
                                       pad_token_id=1, max_position_embeddings=77))
-    te2 = T5EncoderModel(T5Config(vocab_size=len(t5v), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+    te2 = T5EncoderModel(T5Config(vocab_size=len(t5v), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                  dropout_rate=0.0))
     for mod in (tr, vae, te, te2):
         mod.eval()
     # Real FLUX.1-Fill-dev scheduler settings (shift 3, dynamic shifting, 256..4096 tokens).
@@ -162,9 +202,9 @@ def build_open_clip(out: Path, seed: int = 0):
     out.mkdir(parents=True, exist_ok=True)
     # Default vocabulary (49408): open_clip's SimpleTokenizer ships its BPE file inside the wheel, so
     # the tokenizer works offline and the folder loads with no path fix-ups.
-    model_cfg = {"embed_dim": 16,
-                 "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    model_cfg = {"embed_dim": 32,
+                 "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8},
+                 "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
     cfg = {"model_cfg": model_cfg,
            "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
                               "interpolation": "bicubic", "resize_mode": "shortest"}}
@@ -178,8 +218,11 @@ BUILDERS = {"flux-fill": build_flux_fill, "qwen2.5-vl": build_qwen_vl, "open-cli
 
 
 def build_zoo(out_dir=None, seed: int = 0, force: bool = False, only=None) -> Path:
-    """Build every zoo model into `out_dir` (default: the cache); skip ones already complete."""
+    """Build every random-init zoo model into `out_dir` (default: the cache); skip ones already complete."""
     out_dir = Path(out_dir) if out_dir else default_zoo_dir()
+    if out_dir.exists() and not out_dir.is_dir():
+        from ..errors import InputError
+        raise InputError("exists and is not a folder", path=out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in only or ZOO_MODELS:
         target = out_dir / name
@@ -203,13 +246,101 @@ def build_zoo(out_dir=None, seed: int = 0, force: bool = False, only=None) -> Pa
     return out_dir
 
 
+# ----------------------------------------------------------------------------------------------
+# The trained zoo (package data)
+# ----------------------------------------------------------------------------------------------
+TRAINED_MANIFEST = "manifest.json"
+
+
+def trained_zoo_dir() -> Path:
+    """Where the trained zoo lives: $ONEREWARD_TRAINED_ZOO, else the copy shipped in the package."""
+    root = os.environ.get("ONEREWARD_TRAINED_ZOO")
+    return Path(root) if root else Path(__file__).resolve().parent.parent / "zoo"
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_trained_manifest(root: Path, info: dict | None = None) -> Path:
+    """manifest.json: every file of every model folder under `root` with its size and sha256."""
+    files = {}
+    for name in ZOO_MODELS:
+        for f in sorted((root / name).rglob("*")):
+            if f.is_file():
+                rel = f.relative_to(root).as_posix()
+                files[rel] = {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+    doc = {"zoo_version": ZOO_VERSION, "files": files, **(info or {})}
+    (root / TRAINED_MANIFEST).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return root / TRAINED_MANIFEST
+
+
+_verified: set[str] = set()
+
+
+def verify_trained(name: str, root: Path | None = None) -> Path:
+    """The trained model folder, after checking its files against the manifest (once per process)."""
+    from ..errors import InputError
+
+    root = root or trained_zoo_dir()
+    man = root / TRAINED_MANIFEST
+    if not man.is_file():
+        raise InputError(f"the trained tiny zoo is not installed ({man} missing); use zoo-random:{name}, or "
+                         f"train it with `python -m onereward_cli.pretrain`", field="models")
+    key = f"{root}:{name}"
+    if key not in _verified:
+        files = json.loads(man.read_text())["files"]
+        mine = {k: v for k, v in files.items() if k.split("/", 1)[0] == name}
+        if not mine:
+            raise InputError(f"the trained zoo manifest lists no files for {name}", path=man)
+        for rel, meta in mine.items():
+            f = root / rel
+            if not f.is_file() or file_sha256(f) != meta["sha256"]:
+                raise InputError(f"{rel} is missing or does not match its recorded sha256; reinstall the package",
+                                 path=man)
+        _verified.add(key)
+    return root / name
+
+
+def copy_trained_zoo(out, force: bool = False) -> Path:
+    """Copy the verified trained zoo (and its manifest) into `out`."""
+    from ..errors import InputError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a folder", path=out)
+    src = trained_zoo_dir()
+    names = [verify_trained(n, src) for n in ZOO_MODELS]
+    clash = [n.name for n in names if (out / n.name).exists()]
+    if clash and not force:
+        raise InputError(f"already holds {', '.join(clash)}; pass --force to overwrite", path=out)
+    out.mkdir(parents=True, exist_ok=True)
+    for d in names:
+        tmp = out / f".{d.name}.copying-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(d, tmp)
+        shutil.rmtree(out / d.name, ignore_errors=True)
+        os.replace(tmp, out / d.name)
+    shutil.copy2(src / TRAINED_MANIFEST, out / TRAINED_MANIFEST)
+    return out
+
+
 def resolve_model_path(spec: str) -> str:
-    """'zoo:NAME' -> the cached zoo path (built on first use); anything else is returned unchanged."""
-    if not spec.startswith("zoo:"):
-        return spec
-    name = spec[4:]
-    if name not in ZOO_MODELS:
-        from ..errors import InputError
-        raise InputError(f"unknown zoo model '{name}'; zoo models: {', '.join(ZOO_MODELS)}", field="models")
-    zoo = build_zoo(only=[name])
-    return str(zoo / name)
+    """'zoo:NAME' -> the trained zoo folder; 'zoo-random:NAME' -> the cached random build (built on
+    first use); anything else is returned unchanged."""
+    for prefix in ("zoo:", "zoo-random:"):
+        if spec.startswith(prefix):
+            name = spec[len(prefix):]
+            if name not in ZOO_MODELS:
+                from ..errors import InputError
+                raise InputError(f"unknown zoo model '{name}'; zoo models: {', '.join(ZOO_MODELS)}", field="models")
+            if prefix == "zoo:":
+                return str(verify_trained(name))
+            return str(build_zoo(only=[name]) / name)
+    return spec

@@ -1,0 +1,168 @@
+"""Pretraining the tiny FLUX Fill transformer (and its text encoders) by rectified flow on the fill task.
+
+Each step draws world triplets of every task (fill, extend, extend without prompt, removal) with the
+recipe's task mix and trains v_theta(x_sigma, sigma, c) -> eps - z0 (x_sigma = (1 - sigma) z0 + sigma
+eps), where z0 is the VAE latent of the ground truth and c is exactly what `FluxFillPipeline` feeds
+the transformer: the packed masked-image latents and the pixel-unshuffled mask
+(`rollout.prepare_condition`), T5 sequence and CLIP pooled embeddings of the prompt
+(`pipe.encode_prompt`, with gradient: the tiny encoders are trained with the transformer, as no
+pretrained text encoder exists at this size; rl and generate keep them frozen), and the guidance
+value. sigma follows a logit-normal density shifted by the resolution's mu, as the sampler's
+schedule is shifted.
+
+Guidance is distilled as in FLUX.1-dev: 10 % of prompts are dropped (the unconditional model), and
+once `distill_from` of the steps are done, half the samples learn the guided velocity
+v_u + w(g) (target - v_u), with v_u the model's own unconditional prediction (no grad) and
+w(g) = 1 + (g - 1) * GUIDANCE_SLOPE, so `guidance` at inference is a real knob, not noise.
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import rollout
+from . import world
+from .loop import LoopConfig, step_rng, train
+
+TASK_MIX = {"fill": 0.35, "extend": 0.25, "extend_no_prompt": 0.10, "removal": 0.30}
+PROMPT_DROPOUT = 0.1
+GUIDANCE_RANGE = (1.0, 30.0)
+GUIDANCE_SLOPE = 0.1  # guidance 30 (FLUX.1-Fill-dev's default) -> CFG scale 3.9
+
+
+def guidance_scale(g: torch.Tensor) -> torch.Tensor:
+    return 1.0 + (g - 1.0) * GUIDANCE_SLOPE
+
+
+def _tensors(triplets):
+    src = torch.stack([torch.from_numpy(np.asarray(t.source, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                       for t in triplets])
+    tgt = torch.stack([torch.from_numpy(np.asarray(t.target, dtype=np.float32) / 255.0).permute(2, 0, 1)
+                       for t in triplets])
+    msk = torch.stack([torch.from_numpy((t.mask > 0).astype(np.float32))[None] for t in triplets])
+    return src, tgt, msk
+
+
+@torch.no_grad()
+def target_latents(pipe, images01: torch.Tensor, generator) -> torch.Tensor:
+    """Packed, shifted and scaled VAE latents of images in [0, 1] (what the sampler ends at)."""
+    vae = pipe.vae
+    z = vae.encode((2 * images01 - 1).to(vae.dtype)).latent_dist.sample(generator=generator)
+    z = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    B, C, h, w = z.shape
+    return pipe._pack_latents(z, B, C, h, w)
+
+
+def sample_sigmas(n: int, mu: float, generator) -> torch.Tensor:
+    """Logit-normal u, then the same exponential time shift the sampler's schedule uses."""
+    u = torch.sigmoid(torch.randn(n, generator=generator))
+    return math.exp(mu) / (math.exp(mu) + (1.0 / u - 1.0))
+
+
+def draw_triplets(rng: random.Random, cfg: world.WorldConfig, n: int, mix=TASK_MIX):
+    keys, weights = list(mix), list(mix.values())
+    return [world.triplet(rng.choices(keys, weights=weights)[0], rng, cfg) for _ in range(n)]
+
+
+def flow_loss(pipe, triplets, rng: random.Random, gen: torch.Generator, *, max_sequence_length: int,
+              distill: bool) -> tuple[torch.Tensor, dict]:
+    """Mean squared velocity error over a batch of triplets (grouped by size: one call per shape)."""
+    groups: dict[tuple, list] = {}
+    for t in triplets:
+        groups.setdefault(t.source.size, []).append(t)
+    total, count, parts = 0.0, 0, {"distilled": 0.0}
+    for (W, H), ts in sorted(groups.items()):
+        src, tgt, msk = _tensors(ts)
+        B = len(ts)
+        cond = rollout.prepare_condition(pipe, src, msk, generator=gen)
+        z0 = target_latents(pipe, tgt, gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        sigma = sample_sigmas(B, rollout.default_mu(pipe, H, W), gen)
+        x = (1 - sigma.view(B, 1, 1)) * z0 + sigma.view(B, 1, 1) * eps
+        target = eps - z0
+        prompts = [("" if rng.random() < PROMPT_DROPOUT else t.prompt) for t in ts]
+        pe, pooled, ids = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe.transformer.device,
+                                             max_sequence_length=max_sequence_length)
+        emb = rollout.TextEmbeds(pe, pooled, ids)
+        g = torch.tensor([rng.uniform(*GUIDANCE_RANGE) for _ in ts])
+        if distill:
+            guided = torch.tensor([rng.random() < 0.5 and p != "" for p in prompts])
+            if guided.any():
+                with torch.no_grad():
+                    pe0, pooled0, _ = pipe.encode_prompt(prompt=[""], prompt_2=None, device=pipe.transformer.device,
+                                                         max_sequence_length=max_sequence_length)
+                    emb0 = rollout.TextEmbeds(pe0.expand(B, -1, -1), pooled0.expand(B, -1), ids)
+                    v_u = rollout.velocity(pipe.transformer, x, cond, emb0, sigma, torch.ones(B))
+                w = guidance_scale(g).view(B, 1, 1)
+                target = torch.where(guided.view(B, 1, 1), v_u + w * (target - v_u), target)
+                parts["distilled"] += float(guided.sum())
+            g = torch.where(guided, g, torch.ones(B))  # unguided samples learn guidance 1
+        else:
+            g = torch.ones(B)
+        v = rollout.velocity(pipe.transformer, x, cond, emb, sigma, g)
+        total = total + (v - target).square().sum()
+        count += v.numel()
+    parts["distilled"] /= len(triplets)
+    return total / count, parts
+
+
+@torch.no_grad()
+def sample(pipe, triplets, *, steps: int = 4, guidance: float = 30.0, seed: int = 0, max_sequence_length: int = 32,
+           transformer=None):
+    """Full rollouts (the `generate` path) of world triplets: a list of (3, H, W) tensors in [0, 1]."""
+    outs = []
+    for k, t in enumerate(triplets):
+        src, _, msk = _tensors([t])
+        emb = rollout.encode_prompts(pipe, [t.prompt], max_sequence_length)
+        gen = torch.Generator().manual_seed(seed + k)
+        outs.append(rollout.full_rollout(pipe, src, msk, emb, steps, guidance, gen, transformer=transformer)[0])
+    return outs
+
+
+def oracle_means(triplets, images, recipe_tasks=None) -> dict[str, float]:
+    """Mean oracle score per task (over its dimensions) of `images` for `triplets`."""
+    from PIL import Image
+
+    from ..synth import oracle_scores
+    from ..tasks import ALL_DIMENSIONS
+
+    dims = {"fill": ALL_DIMENSIONS[:4], "extend": ALL_DIMENSIONS[:4], "extend_no_prompt": ALL_DIMENSIONS[1:4],
+            "removal": ("removal quality",)}
+    by: dict[str, list[float]] = {}
+    for t, im in zip(triplets, images):
+        if torch.is_tensor(im):
+            im = Image.fromarray((im.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+        s = oracle_scores(t.source, t.mask, im, dims[t.task], t.user_prompt)
+        by.setdefault(t.task, []).append(sum(s.values()) / len(s))
+    return {k: float(np.mean(v)) for k, v in by.items()}
+
+
+def run(pipe, work: Path, cfg: world.WorldConfig, loop: LoopConfig, *, seed: int, batch: int = 16,
+        max_sequence_length: int = 32, distill_from: float = 0.4, resume: bool = True, console=None) -> dict:
+    pipe.vae.requires_grad_(False)
+    pipe.vae.eval()
+    modules = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
+               "text_encoder_2": pipe.text_encoder_2}
+    for m in modules.values():
+        m.requires_grad_(True)
+    held = draw_triplets(random.Random(f"flux-heldout:{seed}"), cfg, 16)
+
+    def loss_fn(step):
+        rng, gen = step_rng(seed, "flux", step)
+        ts = draw_triplets(rng, cfg, batch)
+        return flow_loss(pipe, ts, rng, gen, max_sequence_length=max_sequence_length,
+                         distill=step >= distill_from * loop.steps)
+
+    def evaluate():
+        scores = oracle_means(held, sample(pipe, held, max_sequence_length=max_sequence_length))
+        return {f"oracle/{k}": v for k, v in scores.items()}
+
+    log = train("flux", work, modules, loop, loss_fn, seed=seed, resume=resume, evaluate=evaluate,
+                eval_every=loop.save_every, console=console)
+    for m in modules.values():
+        m.requires_grad_(False)
+    return {"steps": loop.steps, "log": log[-1] if log else {}}

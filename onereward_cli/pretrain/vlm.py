@@ -1,0 +1,279 @@
+"""Pretraining the tiny Qwen2.5-VL reward base: visual question answering through its own LM head.
+
+Supervised next-token training on the assistant answer of chat-template conversations built by the
+model's own processor (`AutoProcessor`: image resizing, placeholder expansion, `mm_token_type_ids`),
+so the model perceives the synthetic world before it sees any preference pair:
+
+- one image: background colour and texture, object count, the shape of the <colour> object, the
+  colour of the <shape>, "is there a <colour> <shape>?", where an object is, a caption, and whether
+  the image is noisy or blurry (world scenes, edit targets and degraded copies);
+- two images: "same background?", "which shows more objects?", "is there a <colour> <shape> in the
+  first/second image?", "which image is noisy?".
+
+Answers are words; accuracy is exact match of the greedy answer (`model.generate`) on held-out
+questions, per question kind. Nothing here is a preference between edits.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from .. import synth
+from . import world
+from .loop import LoopConfig, step_rng, train
+
+LARGE_OBJECT_SHARE = 0.5
+NUMBERS = {1: "one", 2: "two", 3: "three"}
+# Question kinds and how often each is drawn.
+KINDS = {"object_colour": 2, "object_shape": 2, "background": 1, "texture": 1, "count": 1, "shape": 1,
+         "colour": 2, "exists": 1, "position": 0.5, "caption": 0.5, "noisy": 1, "blurry": 1,
+         "same_background": 1, "more_objects": 0.5, "exists_in": 1, "which_noisy": 1, "which_blurry": 1,
+         "more_colour": 1}
+
+
+def _degrade(img: Image.Image, rng: random.Random, kind: str) -> Image.Image:
+    if kind == "noisy":
+        a = np.asarray(img, dtype=np.float32)
+        sigma = rng.uniform(20, 60)
+        noise = np.random.default_rng(rng.randrange(2**32)).normal(0, sigma, a.shape)
+        if rng.random() < 0.5:  # noise in a region only, as a botched edit has it
+            h, w = a.shape[:2]
+            y0, x0 = rng.randint(0, h // 2), rng.randint(0, w // 2)
+            region = np.zeros(a.shape[:2], bool)
+            region[y0:y0 + h // 2, x0:x0 + w // 2] = True
+            noise *= region[..., None]
+        return Image.fromarray(np.clip(a + noise, 0, 255).astype(np.uint8))
+    return img.filter(ImageFilter.GaussianBlur(rng.uniform(1.0, 2.0)))
+
+
+def _scene_image(rng: random.Random, cfg: world.WorldConfig) -> tuple[Image.Image, dict]:
+    """A scene (sometimes an extension canvas's whole scene, so other aspect ratios occur)."""
+    spec = world.random_scene(rng, cfg)
+    if rng.random() < 0.2:
+        t = world.extend_triplet(rng, cfg, spec=spec)
+        return t.target, spec
+    return synth.render_scene(spec), spec
+
+
+def _unique(objs, key):
+    vals = [o[key] for o in objs]
+    return [o for o in objs if vals.count(o[key]) == 1]
+
+
+def _position(o, size) -> str:
+    x0, y0, x1, y1 = o["box"]
+    dx, dy = (x0 + x1) / 2 / size - 0.5, (y0 + y1) / 2 / size - 0.5
+    if max(abs(dx), abs(dy)) < 0.12:
+        return "centre"
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def _absent(rng: random.Random, objs) -> tuple[str, str]:
+    present = {(o["color"], o["shape"]) for o in objs}
+    while True:
+        c, s = rng.choice(list(synth.COLORS)), rng.choice(synth.SHAPES)
+        if (c, s) not in present:
+            return c, s
+
+
+def make_example(kind: str, rng: random.Random, cfg: world.WorldConfig):
+    """(images, question, answer) of one kind, or None when the scene cannot ask it (retry)."""
+    if kind in ("object_colour", "object_shape"):  # one object: what it is, before which one is which
+        spec = synth.scene_spec(rng, cfg.size, 1)
+        if rng.random() < LARGE_OBJECT_SHARE:  # large objects too: a shape is learnt faster big
+            s = rng.randint(cfg.size // 3, cfg.size * 7 // 8)
+            x0, y0 = rng.randint(0, cfg.size - s), rng.randint(0, cfg.size - s)
+            spec["objects"][0]["box"] = [x0, y0, x0 + s, y0 + s]
+        o = spec["objects"][0]
+        if kind == "object_colour":
+            return [synth.render_scene(spec)], "What colour is the object?", o["color"]
+        return [synth.render_scene(spec)], "What shape is the object?", o["shape"]
+    img, spec = _scene_image(rng, cfg)
+    objs, bg = spec["objects"], spec["background"]
+    if kind == "background":
+        return [img], "What colour is the background?", bg["color"]
+    if kind == "texture":
+        return [img], "What texture is the background?", bg["texture"]
+    if kind == "count":
+        return [img], "How many objects are there?", NUMBERS[len(objs)]
+    if kind == "shape":
+        u = _unique(objs, "color")
+        if not u:
+            return None
+        o = rng.choice(u)
+        return [img], f"What shape is the {o['color']} object?", o["shape"]
+    if kind == "colour":
+        u = _unique(objs, "shape")
+        if not u:
+            return None
+        o = rng.choice(u)
+        return [img], f"What colour is the {o['shape']}?", o["color"]
+    if kind == "exists":
+        if rng.random() < 0.5:
+            o = rng.choice(objs)
+            return [img], f"Is there a {o['color']} {o['shape']}?", "yes"
+        c, s = _absent(rng, objs)
+        return [img], f"Is there a {c} {s}?", "no"
+    if kind == "position":
+        u = [o for o in _unique(objs, "color") if o in _unique(objs, "shape")]
+        if not u:
+            return None
+        o = rng.choice(u)
+        return [img], f"Where is the {o['color']} {o['shape']}?", _position(o, spec["size"])
+    if kind == "caption":
+        return [img], "Describe the image.", synth.caption_of(spec)
+    if kind in ("noisy", "blurry"):
+        yes = rng.random() < 0.5
+        return [_degrade(img, rng, kind) if yes else img], f"Is the image {kind}?", "yes" if yes else "no"
+    img2, spec2 = _scene_image(rng, cfg)
+    if kind == "same_background":
+        if rng.random() < 0.5:  # the same background, other objects
+            spec2 = dict(spec2, background=dict(bg))
+            img2 = synth.render_scene(spec2)
+            ans = "yes"
+        else:
+            ans = "yes" if spec2["background"]["color"] == bg["color"] and \
+                spec2["background"]["texture"] == bg["texture"] else "no"
+        return [img, img2], "Do both images have the same background?", ans
+    if kind == "more_objects":
+        if len(objs) == len(spec2["objects"]):
+            return None
+        return [img, img2], "Which image shows more objects? Answer first or second.", \
+            "first" if len(objs) > len(spec2["objects"]) else "second"
+    if kind == "exists_in":
+        which = rng.choice(["first", "second"])
+        target = objs if which == "first" else spec2["objects"]
+        if rng.random() < 0.5:
+            o = rng.choice(target)
+            c, s, ans = o["color"], o["shape"], "yes"
+        else:
+            (c, s), ans = _absent(rng, target), "no"
+        return [img, img2], f"Is there a {c} {s} in the {which} image?", ans
+    if kind in ("which_noisy", "which_blurry"):
+        what = kind[6:]
+        first = rng.random() < 0.5
+        a, b = (_degrade(img, rng, what), img2) if first else (img, _degrade(img2, rng, what))
+        return [a, b], f"Which image is {what}? Answer first or second.", "first" if first else "second"
+    if kind == "more_colour":
+        c = rng.choice([o["color"] for o in objs + spec2["objects"]])
+        rgb = np.array(synth.COLORS[c], dtype=np.float32)
+        share = [float((np.abs(np.asarray(im, dtype=np.float32) - rgb).sum(-1) < 30).mean()) for im in (img, img2)]
+        if abs(share[0] - share[1]) < 0.02:
+            return None
+        return [img, img2], f"Which image shows more {c}? Answer first or second.", \
+            "first" if share[0] > share[1] else "second"
+    raise ValueError(kind)
+
+
+def draw_examples(rng: random.Random, cfg: world.WorldConfig, n: int, kinds=None):
+    kinds = kinds or KINDS
+    names = list(kinds)
+    weights = [kinds[k] for k in names] if isinstance(kinds, dict) else [1.0] * len(names)
+    out = []
+    while len(out) < n:
+        ex = make_example(rng.choices(names, weights=weights)[0], rng, cfg)
+        if ex is not None:
+            out.append(ex)
+    return out
+
+
+def _messages(n_images: int, question: str):
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": question}]}]
+
+
+def sft_batch(processor, examples, device="cpu"):
+    """Processor inputs for prompt + answer, with labels on the answer tokens (and <|im_end|>) only."""
+    tok = processor.tokenizer
+    texts, images, n_answer = [], [], []
+    for ims, q, a in examples:
+        p = processor.apply_chat_template(_messages(len(ims), q), tokenize=False, add_generation_prompt=True)
+        texts.append(p + a + tok.eos_token)
+        # The answer follows "assistant\n", a pre-token boundary: it tokenizes the same on its own.
+        n_answer.append(len(tok(a + tok.eos_token, add_special_tokens=False)["input_ids"]))
+        images += ims
+    side = tok.padding_side
+    tok.padding_side = "right"
+    try:
+        inp = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    finally:
+        tok.padding_side = side
+    labels = torch.full_like(inp["input_ids"], -100)
+    lengths = inp["attention_mask"].sum(1).tolist()
+    for i, (n, L) in enumerate(zip(n_answer, lengths)):
+        labels[i, L - n:L] = inp["input_ids"][i, L - n:L]
+    inp["labels"] = labels
+    return {k: v.to(device) for k, v in inp.items()}
+
+
+def answer_loss(model, batch: dict) -> torch.Tensor:
+    """Next-token cross-entropy on the answer tokens, averaged per example, then over the batch (a
+    caption's twenty tokens do not outweigh a one-word answer)."""
+    labels = batch.pop("labels")
+    logits = model(**batch, use_cache=False).logits[:, :-1].float()
+    target = labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+    keep = (target != -100).float()
+    return ((ce * keep).sum(1) / keep.sum(1).clamp(min=1)).mean()
+
+
+@torch.no_grad()
+def answer(model, processor, examples, max_new_tokens: int = 12) -> list[str]:
+    """Greedy answers through `model.generate`, left-padded as generation needs."""
+    tok = processor.tokenizer
+    texts = [processor.apply_chat_template(_messages(len(ims), q), tokenize=False, add_generation_prompt=True)
+             for ims, q, _ in examples]
+    images = [im for ims, _, _ in examples for im in ims]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        inp = processor(text=texts, images=images, padding=True, return_tensors="pt").to(model.device)
+    finally:
+        tok.padding_side = side
+    out = model.generate(**inp, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return [s.strip() for s in tok.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)]
+
+
+def heldout(cfg: world.WorldConfig, per_kind: int = 40, seed: int = 20_000):
+    """Held-out questions on the pool's own scene distribution (no enlarged objects)."""
+    global LARGE_OBJECT_SHARE
+    rng = random.Random(f"vlm-heldout:{seed}")
+    share, LARGE_OBJECT_SHARE = LARGE_OBJECT_SHARE, 0.0
+    try:
+        return {k: draw_examples(rng, cfg, per_kind, kinds=(k,)) for k in KINDS}
+    finally:
+        LARGE_OBJECT_SHARE = share
+
+
+def accuracy(model, processor, held: dict, batch: int = 32) -> dict[str, float]:
+    out = {}
+    for kind, exs in held.items():
+        preds = []
+        for i in range(0, len(exs), batch):
+            preds += answer(model, processor, exs[i:i + batch])
+        out[kind] = float(np.mean([p == a for p, (_, _, a) in zip(preds, exs)]))
+    return out
+
+
+def run(model, processor, work: Path, cfg: world.WorldConfig, loop: LoopConfig, *, seed: int, batch: int = 32,
+        resume: bool = True, console=None, eval_per_kind: int = 20) -> dict:
+    model.requires_grad_(True)
+    held = heldout(cfg, eval_per_kind)
+
+    def loss_fn(step):
+        rng, _ = step_rng(seed, "vlm", step)
+        return answer_loss(model, sft_batch(processor, draw_examples(rng, cfg, batch), model.device)), {}
+
+    def evaluate():
+        return {f"acc/{k}": v for k, v in accuracy(model, processor, held).items()}
+
+    log = train("vlm", work, {"model": model}, loop, loss_fn, seed=seed, resume=resume, evaluate=evaluate,
+                eval_every=loop.save_every, console=console)
+    model.requires_grad_(False)
+    return {"steps": loop.steps, "log": log[-1] if log else {}}
