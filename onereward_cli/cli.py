@@ -239,7 +239,7 @@ def eval_(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where every artifact goes."),
-    replicate: bool = typer.Option(False, "--replicate", help="Also run the miniature replication (Tables 1/4, Fig. 4, Table 2)."),
+    replicate: bool = typer.Option(False, "--replicate", help="Run the miniature replication instead: Tables 1/4, Fig. 4, Table 2, Fig. 7 over seeds (resumes)."),
     recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
 ):

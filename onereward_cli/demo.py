@@ -4,7 +4,8 @@ subcommands run, with every artifact under one folder and a summary at the end.
 tiny-models -> synth -> curate -> generate -> annotate --oracle -> export-pairs -> train-reward
             -> rl (static, Alg. 1) -> rl --dynamic (Alg. 2) -> eval (base vs static vs dynamic)
 
-`--replicate` adds the miniature replication of the paper's two claims (see replicate.py).
+`--replicate` runs the miniature replication instead (replicate.py: every stage above per seed, the
+query ablations, both RL modes, aggregated over seeds); a re-run resumes it.
 """
 from __future__ import annotations
 
@@ -63,22 +64,34 @@ def write_conditions(candidates_dir: Path, keep_ids: set[str], out: Path) -> Pat
 
 def run(recipe, out, replicate: bool = False):
     from . import annotate, curate, evaluate, generate, pairs, rl, synth, train_reward
-    from .models.tiny import build_zoo
 
     out = Path(out)
     marker = out / ".onereward-demo"
     if out.exists() and any(out.iterdir()):
         if not marker.exists():  # never delete a folder the demo did not make
             raise InputError("folder exists and was not made by `onereward demo`; choose another --out", path=out)
-        console.print(f"demo: replacing the previous demo run in {out}")
-        shutil.rmtree(out)
+        if replicate and marker.read_text().startswith("replicate"):
+            console.print(f"demo --replicate: resuming the replication in {out}")
+        else:
+            console.print(f"demo: replacing the previous demo run in {out}")
+            shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    if replicate:
+        from . import replicate as rep
+
+        marker.write_text("replicate: made by `onereward demo --replicate`; a re-run resumes it\n")
+        t0 = time.perf_counter()
+        md = rep.run(recipe, out)
+        console.print(f"replication: {time.perf_counter() - t0:.0f} s -> {md}")
+        return out
     marker.write_text("made by `onereward demo`; the next demo run replaces this folder\n")
     t: dict[str, float] = {}
     t0 = time.perf_counter()
     with _stage("tiny-models", t):
-        zoo = build_zoo()
-        console.print(f"zoo: {zoo}")
+        from .models.tiny import ZOO_MODELS, resolve_model_path
+
+        for name in ZOO_MODELS:  # the trained zoo, checked against its recorded hashes
+            console.print(f"zoo: {resolve_model_path('zoo:' + name)}")
     with _stage("synth", t):
         synth.run(recipe, out / "pool", n=recipe.synth.n, seed=recipe.seed)
     with _stage("curate", t):
@@ -107,11 +120,6 @@ def run(recipe, out, replicate: bool = False):
         evaluate.run(recipe, policy=str(out / "rl-static" / "policy"), benchmark=bench, out=out / "eval",
                      compare=[recipe.models.policy, str(out / "rl-dynamic" / "policy")],
                      reward_model=reward_model, human=None)
-    if replicate:
-        from . import replicate as rep
-
-        with _stage("replicate", t):
-            rep.run(recipe, out, pairs_dir=pairs_dir, conditions=conds, benchmark=bench)
     t["total"] = time.perf_counter() - t0
     summarise(out, t)
     return out
@@ -133,7 +141,6 @@ def summarise(out: Path, timings: dict):
         "rl (static, Alg. 1)": f"{out}/rl-static/{{policy,ema}} + reward_curves.png",
         "rl --dynamic (Alg. 2)": f"{out}/rl-dynamic/{{policy,ema}} + reward_curves.png",
         "eval": f"{out}/eval/report.html",
-        "replicate": f"{out}/replicate/replication.md",
     }
     for k, v in timings.items():
         if k != "total":

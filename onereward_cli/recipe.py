@@ -213,6 +213,15 @@ class EvalConfig:
     metrics: MetricsConfig = MetricsConfig()
 
 
+@dataclass(frozen=True)
+class ReplicateConfig:
+    """`onereward demo --replicate`: the miniature replication, repeated over seeds."""
+    # Seeds recipe.seed, recipe.seed + 1, ...: each its own synthetic pool, candidates, labels and models.
+    seeds: int = 3
+    # Held-out benchmark of world triplets (with ground truth) per task, for Table 2 / Fig. 7.
+    benchmark_per_task: int = 40
+
+
 def _default_tasks() -> dict[str, TaskConfig]:
     ta, co, st, ae = "text alignment", "consistency", "structure", "aesthetics"
     return {
@@ -238,6 +247,7 @@ class Recipe:
     reward: RewardConfig = RewardConfig()
     rl: RLConfig = RLConfig()
     eval: EvalConfig = EvalConfig()
+    replicate: ReplicateConfig = ReplicateConfig()
     # Where the recipe came from (not a user key).
     source: str = field(default="", compare=False)
 
@@ -475,6 +485,8 @@ def validate(r: Recipe) -> Recipe:
     _check(e.max_sequence_length > 0, "eval.max_sequence_length", "must be positive")
     _check(e.grid_samples >= 0, "eval.grid_samples", "must be >= 0")
     _check(e.metrics.hpsv3_pixels >= 28 * 28, "eval.metrics.hpsv3_pixels", "must be at least 784 (28 x 28)")
+    _check(r.replicate.seeds >= 1, "replicate.seeds", "must be >= 1")
+    _check(r.replicate.benchmark_per_task >= 1, "replicate.benchmark_per_task", "must be >= 1")
     return r
 
 

@@ -32,33 +32,42 @@ STAGES = ("vae", "flux", "vlm", "clip")
 
 @dataclass(frozen=True)
 class Budget:
-    """Optimizer steps and learning rates of the shipped zoo (timed in BENCHMARKS.md)."""
+    """Steps, batches, learning rates and evaluation sizes of the shipped zoo (timed in BENCHMARKS.md).
+
+    `scaled(s)` multiplies the step counts; below s = 0.05 (tests) batches and evaluations shrink too."""
     vae_steps: int = 2500
     vae_lr: float = 2e-3
+    vae_batch: int = 16
     flux_steps: int = 1200
     flux_lr: float = 1e-3
     flux_batch: int = 16
-    vlm_steps: int = 1200
-    vlm_lr: float = 2e-3
+    flux_ema: float = 0.995
+    vlm_steps: int = 1600
+    vlm_lr: float = 1e-3
     vlm_batch: int = 32
-    clip_steps: int = 600
+    clip_steps: int = 400
     clip_lr: float = 2e-3
     clip_batch: int = 64
     max_sequence_length: int = 32
+    eval_n: int = 16  # held-out items per evaluation (x2 for the VAE, x5 for CLIP; per question kind for the VLM)
+    evaluations: int = 4  # evaluations (and checkpoints) per stage
 
     def scaled(self, s: float) -> "Budget":
         from dataclasses import replace
 
-        return replace(self, **{k: max(2, int(round(getattr(self, k) * s)))
-                                for k in ("vae_steps", "flux_steps", "vlm_steps", "clip_steps")})
+        b = replace(self, **{k: max(2, int(round(getattr(self, k) * s)))
+                             for k in ("vae_steps", "flux_steps", "vlm_steps", "clip_steps")})
+        if s < 0.05:
+            b = replace(b, vae_batch=4, flux_batch=4, vlm_batch=4, clip_batch=8, eval_n=2, evaluations=2)
+        return b
 
 
-def _loop(steps: int, lr: float):
+def _loop(steps: int, lr: float, budget: Budget, ema: float = 0.0):
     from .loop import LoopConfig
 
-    save = max(1, min(250, steps // 4))
+    save = max(1, steps // budget.evaluations)
     return LoopConfig(steps=steps, lr=lr, warmup=min(100, max(1, steps // 10)), save_every=save,
-                      log_every=max(1, min(25, steps // 4)))
+                      log_every=max(1, min(25, save)), ema=ema)
 
 
 def _done(d: Path) -> dict | None:
@@ -115,7 +124,8 @@ def run(out, work=None, *, seed: int = 0, scale: float = 1.0, only=STAGES, conso
 
     def do_vae(d):
         vae = AutoencoderKL.from_pretrained(base / "flux-fill", subfolder="vae")
-        res = vae_stage.run(vae, d, cfg, _loop(budget.vae_steps, budget.vae_lr), seed=seed, console=console)
+        res = vae_stage.run(vae, d, cfg, _loop(budget.vae_steps, budget.vae_lr, budget), seed=seed,
+                            batch=budget.vae_batch, console=console, eval_n=2 * budget.eval_n)
         vae.save_pretrained(d / "model")
         return res
 
@@ -123,9 +133,9 @@ def run(out, work=None, *, seed: int = 0, scale: float = 1.0, only=STAGES, conso
         pipe = FluxFillPipeline.from_pretrained(base / "flux-fill")
         pipe.vae = AutoencoderKL.from_pretrained(work / "vae" / "model")
         pipe.set_progress_bar_config(disable=True)
-        res = flux_stage.run(pipe, d, cfg, _loop(budget.flux_steps, budget.flux_lr), seed=seed,
-                             batch=budget.flux_batch, max_sequence_length=budget.max_sequence_length,
-                             console=console)
+        res = flux_stage.run(pipe, d, cfg, _loop(budget.flux_steps, budget.flux_lr, budget, ema=budget.flux_ema),
+                             seed=seed, batch=budget.flux_batch, max_sequence_length=budget.max_sequence_length,
+                             console=console, eval_n=budget.eval_n)
         for sub in ("transformer", "text_encoder", "text_encoder_2"):
             getattr(pipe, sub).save_pretrained(d / "model" / sub)
         return res
@@ -133,15 +143,15 @@ def run(out, work=None, *, seed: int = 0, scale: float = 1.0, only=STAGES, conso
     def do_vlm(d):
         model = AutoModelForImageTextToText.from_pretrained(base / "qwen2.5-vl")
         processor = AutoProcessor.from_pretrained(base / "qwen2.5-vl")
-        res = vlm_stage.run(model, processor, d, cfg, _loop(budget.vlm_steps, budget.vlm_lr), seed=seed,
-                            batch=budget.vlm_batch, console=console)
+        res = vlm_stage.run(model, processor, d, cfg, _loop(budget.vlm_steps, budget.vlm_lr, budget), seed=seed,
+                            batch=budget.vlm_batch, console=console, eval_per_kind=budget.eval_n)
         model.save_pretrained(d / "model")
         return res
 
     def do_clip(d):
         model, preprocess, tokenizer = clip_loader.load_clip(str(base / "open-clip"))
-        res = clip_stage.run(model, preprocess, tokenizer, d, cfg, _loop(budget.clip_steps, budget.clip_lr),
-                             seed=seed, batch=budget.clip_batch, console=console)
+        res = clip_stage.run(model, preprocess, tokenizer, d, cfg, _loop(budget.clip_steps, budget.clip_lr, budget),
+                             seed=seed, batch=budget.clip_batch, console=console, eval_n=5 * budget.eval_n)
         from safetensors.torch import save_file
 
         (d / "model").mkdir(parents=True, exist_ok=True)

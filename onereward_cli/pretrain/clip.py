@@ -52,9 +52,9 @@ def heldout(cfg: world.WorldConfig, n: int = 100, seed: int = 30_000):
 
 
 def run(model, preprocess, tokenizer, work: Path, cfg: world.WorldConfig, loop: LoopConfig, *, seed: int,
-        batch: int = 64, resume: bool = True, console=None) -> dict:
+        batch: int = 64, resume: bool = True, console=None, eval_n: int = 100) -> dict:
     model.requires_grad_(True)
-    held = heldout(cfg)
+    held = heldout(cfg, eval_n)
 
     def loss_fn(step):
         rng, _ = step_rng(seed, "clip", step)

@@ -7,6 +7,7 @@ kill at any moment leaves the previous checkpoint as the one a resume picks up.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -46,6 +47,8 @@ class LoopConfig:
     save_every: int = 200
     log_every: int = 25
     max_grad_norm: float = 1.0
+    # EMA of the weights (0 = none). With one, the EMA is what evaluation sees and what ships.
+    ema: float = 0.0
 
 
 def _named_trainable(modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Parameter]:
@@ -56,13 +59,15 @@ def _checkpoint_dir(work: Path) -> Path:
     return work / "checkpoints"
 
 
-def save_checkpoint(work: Path, step: int, params: dict, opt, extra: dict | None = None):
+def save_checkpoint(work: Path, step: int, params: dict, opt, extra: dict | None = None, ema: dict | None = None):
     ckd = _checkpoint_dir(work)
     ck = ckd / f"step-{step:07d}"
     tmp = ckd / f".{ck.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_tensors(tmp / "weights.safetensors", {k: p.detach() for k, p in params.items()})
+    if ema:
+        save_tensors(tmp / "ema.safetensors", ema)
     ot, ometa = optimizer_to_files(opt)
     save_tensors(tmp / "optimizer.safetensors", ot or {"_empty": torch.zeros(1)})
     write_json(tmp / "state.json", {"step": step, "optimizer": ometa, **(extra or {})})
@@ -73,7 +78,7 @@ def save_checkpoint(work: Path, step: int, params: dict, opt, extra: dict | None
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(work: Path, params: dict, opt) -> tuple[int, dict]:
+def load_checkpoint(work: Path, params: dict, opt, ema: dict | None = None) -> tuple[int, dict]:
     latest = _checkpoint_dir(work) / "latest.json"
     if not latest.is_file():
         return 0, {}
@@ -88,6 +93,10 @@ def load_checkpoint(work: Path, params: dict, opt) -> tuple[int, dict]:
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(w[k])
+        if ema:
+            e = load_tensors(ck / "ema.safetensors")
+            for k in ema:
+                ema[k].copy_(e[k])
     ot = {k: v for k, v in load_tensors(ck / "optimizer.safetensors").items() if k != "_empty"}
     opt.load_state_dict(optimizer_from_files(ot, state["optimizer"]))
     return int(state["step"]), state
@@ -104,7 +113,8 @@ def train(name: str, work: Path, modules: dict[str, torch.nn.Module], cfg: LoopC
     work.mkdir(parents=True, exist_ok=True)
     params = _named_trainable(modules)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, _ = load_checkpoint(work, params, opt) if resume else (0, {})
+    ema = {k: p.detach().clone() for k, p in params.items()} if cfg.ema > 0 else None
+    start, _ = load_checkpoint(work, params, opt, ema) if resume else (0, {})
     log = work / "log.jsonl"
     if start and log.exists():  # drop lines past the checkpoint: a resumed log has no duplicates
         write_jsonl(log, [strip_meta(r) for r in read_jsonl(log, tolerate_torn_tail=True) if r["step"] <= start])
@@ -129,6 +139,10 @@ def train(name: str, work: Path, modules: dict[str, torch.nn.Module], cfg: LoopC
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
             opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for k, p in params.items():
+                        ema[k].lerp_(p.detach(), 1.0 - cfg.ema)
             window.append(loss.item())
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
@@ -138,15 +152,38 @@ def train(name: str, work: Path, modules: dict[str, torch.nn.Module], cfg: LoopC
                 if evaluate is not None and eval_every and (done % eval_every == 0 or done == cfg.steps):
                     for m in modules.values():
                         m.eval()
-                    rec.update(evaluate())
+                    with swapped(params, ema):
+                        rec.update(evaluate())
                     for m in modules.values():
                         m.train()
                 append_jsonl(log, rec)
                 prog.update(bar, info=f"loss {rec['loss']:.4f}")
             prog.advance(bar)
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                save_checkpoint(work, done, params, opt)
+                save_checkpoint(work, done, params, opt, ema=ema)
     for m in modules.values():
         m.eval()
-    save_checkpoint(work, cfg.steps, params, opt, {"finished": True})
+    save_checkpoint(work, cfg.steps, params, opt, {"finished": True}, ema=ema)
+    if ema is not None:  # what ships is the EMA
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(ema[k])
     return read_jsonl(log, tolerate_torn_tail=True) if log.exists() else []
+
+
+@contextlib.contextmanager
+def swapped(params: dict, ema: dict | None):
+    """The EMA weights in place of the trained ones for the duration (nothing without an EMA)."""
+    if ema is None:
+        yield
+        return
+    stash = {k: p.detach().clone() for k, p in params.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(ema[k])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(stash[k])

@@ -73,8 +73,8 @@ def latent_stats(vae, cfg: world.WorldConfig, n: int = 128, seed: int = 0) -> tu
 
 
 def run(vae, work: Path, cfg: world.WorldConfig, loop: LoopConfig, *, seed: int, batch: int = 16, crop: int = 32,
-        resume: bool = True, console=None) -> dict:
-    held = heldout_images(cfg, 32)
+        resume: bool = True, console=None, eval_n: int = 32) -> dict:
+    held = heldout_images(cfg, eval_n)
 
     def loss_fn(step):
         rng, gen = step_rng(seed, "vae", step)
@@ -87,7 +87,7 @@ def run(vae, work: Path, cfg: world.WorldConfig, loop: LoopConfig, *, seed: int,
 
     log = train("vae", work, {"vae": vae}, loop, loss_fn, seed=seed, resume=resume,
                 evaluate=lambda: {"psnr": psnr(vae, held)}, eval_every=loop.save_every, console=console)
-    mean, std = latent_stats(vae, cfg, seed=seed)
+    mean, std = latent_stats(vae, cfg, n=4 * eval_n, seed=seed)
     vae.register_to_config(shift_factor=round(mean, 4), scaling_factor=round(1.0 / std, 4))
-    return {"psnr": psnr(vae, heldout_images(cfg, 64)), "shift_factor": vae.config.shift_factor,
+    return {"psnr": psnr(vae, heldout_images(cfg, 2 * eval_n)), "shift_factor": vae.config.shift_factor,
             "scaling_factor": vae.config.scaling_factor, "steps": loop.steps, "log": log[-1] if log else {}}

@@ -29,10 +29,10 @@ from .loop import LoopConfig, step_rng, train
 LARGE_OBJECT_SHARE = 0.5
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 # Question kinds and how often each is drawn.
-KINDS = {"object_colour": 2, "object_shape": 2, "background": 1, "texture": 1, "count": 1, "shape": 1,
-         "colour": 2, "exists": 1, "position": 0.5, "caption": 0.5, "noisy": 1, "blurry": 1,
-         "same_background": 1, "more_objects": 0.5, "exists_in": 1, "which_noisy": 1, "which_blurry": 1,
-         "more_colour": 1}
+KINDS = {"object_colour": 2, "object_shape": 2, "background": 1, "texture": 1, "count": 1, "shape": 0.5,
+         "colour": 1.5, "exists": 1, "position": 0.25, "caption": 0.25, "noisy": 1.5, "blurry": 1,
+         "same_background": 1, "more_objects": 0.5, "exists_in": 0.5, "which_noisy": 1.5, "which_blurry": 1,
+         "more_colour": 1.5}
 
 
 def _degrade(img: Image.Image, rng: random.Random, kind: str) -> Image.Image:

@@ -84,14 +84,26 @@ def _composite(base: Image.Image, top: Image.Image, mask: np.ndarray) -> Image.I
     return Image.composite(top, base, Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8)))
 
 
+def _boxes_overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _visible(objects: list[dict]) -> list[dict]:
+    """Objects no later-drawn object overlaps (the last one always qualifies)."""
+    out = [o for i, o in enumerate(objects)
+           if not any(_boxes_overlap(o["box"], p["box"]) for p in objects[i + 1:])]
+    return out or objects[-1:]
+
+
 def fill_triplet(rng: random.Random, cfg: WorldConfig, spec: dict | None = None) -> WorldTriplet:
     spec = spec or random_scene(rng, cfg)
     size = fit_size(cfg.size, cfg.size, cfg.resolution)
     sx, sy = size[0] / cfg.size, size[1] / cfg.size
     source = synth.render_scene(spec).resize(size, Image.BICUBIC)
     if spec["objects"] and rng.random() < FILL_OBJECT_SHARE:
-        # The mask covers one object and the prompt names it: the answer is the source itself.
-        o = rng.choice(spec["objects"])
+        # The mask covers one object (one nothing lies on) and the prompt names it: the answer is the
+        # source itself.
+        o = rng.choice(_visible(spec["objects"]))
         x0, y0, x1, y1 = o["box"]
         mask = removal_mask(size, boxes=[[x0 * sx, y0 * sy, x1 * sx, y1 * sy]], dilate=cfg.removal_dilate)
         prompt = f"a {o['color']} {o['shape']}"
@@ -100,10 +112,12 @@ def fill_triplet(rng: random.Random, cfg: WorldConfig, spec: dict | None = None)
         mask = random_fill_mask(size, rng, cfg.fill_min_frac, cfg.fill_max_frac, cfg.stroke_probability)
         color, shape = rng.choice(list(synth.COLORS)), rng.choice(synth.SHAPES)
         prompt = f"a {color} {shape}"
+        # The object fills most of the mask's box, near its centre: what to draw follows from the mask
+        # and the prompt, so the fill is learnable, with a little freedom left for the noise.
         bx0, by0, bx1, by1 = _bbox(mask)
-        side = max(4, int(min(bx1 - bx0, by1 - by0) * rng.uniform(0.7, 1.0)))
-        ox = rng.randint(bx0, max(bx0, bx1 - side))
-        oy = rng.randint(by0, max(by0, by1 - side))
+        side = max(4, int(min(bx1 - bx0, by1 - by0) * rng.uniform(0.8, 1.0)))
+        ox = (bx0 + bx1 - side) // 2 + rng.randint(-1, 1) * ((bx1 - bx0 - side) // 4)
+        oy = (by0 + by1 - side) // 2 + rng.randint(-1, 1) * ((by1 - by0 - side) // 4)
         drawn = source.copy()
         synth._draw_shape(ImageDraw.Draw(drawn), shape, (ox, oy, ox + side, oy + side), synth.COLORS[color])
         target = _composite(source, drawn, mask)
