@@ -212,7 +212,7 @@ def test_bad_policy_and_human_file_fail_before_generation(zoo, bench, tmp_path, 
 
 
 def test_generate_folder_benchmark(zoo, tiny_recipe, tmp_path):
-    from onereward_cli.evaluate import load_benchmark
+    from onereward_cli.evaluate import Policy, load_benchmark
 
     d = tmp_path / "gen"
     recs = []
@@ -227,11 +227,14 @@ def test_generate_folder_benchmark(zoo, tiny_recipe, tmp_path):
                      "height": 64, "candidates": []})
     (d / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     samples = load_benchmark(d, tiny_recipe)
-    assert [(s.id, s.task, s.user_prompt, s.prompt) for s in samples] == [
+    pol = Policy("base", "zoo:flux-fill")
+    assert [(s.id, s.task, s.user_prompt, pol.prompt(tiny_recipe, s)) for s in samples] == [
         ("a", "fill", "a red circle", "a red circle"), ("b", "removal", None, "remove")]
-    w, h = samples[0].source.size
-    assert w % 16 == 0 and h % 16 == 0 and w > h and samples[0].mask.shape == (h, w)
-    assert set(np.unique(samples[0].mask)) == {0, 255}
+    assert Policy("release", "x", prompts={"removal": "erase"}).prompt(tiny_recipe, samples[1]) == "erase"
+    src, mask = samples[0].condition(tiny_recipe.eval.resolution)
+    w, h = src.size
+    assert w % 16 == 0 and h % 16 == 0 and w > h and mask.shape == (h, w)
+    assert set(np.unique(mask)) == {0, 255}
     with pytest.raises(InputError, match="candidates.jsonl"):
         load_benchmark(tmp_path, tiny_recipe)
 
