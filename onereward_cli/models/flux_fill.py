@@ -181,12 +181,13 @@ class PolicyInfo:
     """What a spec is, without loading any weights."""
     spec: str
     layout: str                # hub | pipeline | policy | transformer | lora
-    path: str                  # what from_pretrained reads: a hub id or a local folder
+    path: str                  # what from_pretrained reads: a hub id or a local folder ("" = fetch `hub` first)
     base: str | None = None    # the spec it is loaded on; "" = the caller's default pipeline
     kind: str | None = None    # lora | transformer for everything that is not a whole pipeline
     inference: dict = field(default_factory=dict)   # its own settings (a subset of SETTING_KEYS)
     prompts: dict = field(default_factory=dict)     # its own fixed prompts {task: prompt}
     settings_from: str = ""    # "onereward_policy.json" | "OneReward release" | "" (none of its own)
+    hub: tuple[str, str] | None = None  # (repo id, subfolder) of a hub subfolder spec
 
 
 def describe_policy(spec: str) -> PolicyInfo:
@@ -200,6 +201,9 @@ def describe_policy(spec: str) -> PolicyInfo:
     local = Path(path).expanduser()
     if not local.is_dir():
         sub = hub_subfolder(path)
+        if sub is not None and posixpath.basename(sub[1]) in RELEASE_FOLDERS:
+            # A release folder is known by name: no download until its weights are needed.
+            return _release_info(spec, "", RELEASE_FOLDERS[posixpath.basename(sub[1])]["kind"], sub)
         if sub is not None:
             local = _fetch_subfolder(*sub, spec=spec)
         elif _looks_like_local_path(path):
@@ -223,9 +227,14 @@ def describe_policy(spec: str) -> PolicyInfo:
     release = RELEASE_FOLDERS.get(local.name)
     if release is None or release["kind"] != kind:
         return PolicyInfo(spec, kind, str(local), base="", kind=kind)
+    return _release_info(spec, str(local), kind, hub_subfolder(path))
+
+
+def _release_info(spec: str, path: str, kind: str, hub) -> PolicyInfo:
+    release = RELEASE_FOLDERS[posixpath.basename(hub[1]) if hub else Path(path).name]
     base = _relative_spec(spec, release["base"]) if release.get("base") else ""
-    return PolicyInfo(spec, kind, str(local), base=base, kind=kind, inference=dict(RELEASE_INFERENCE),
-                      prompts=dict(RELEASE_PROMPTS), settings_from="OneReward release")
+    return PolicyInfo(spec, kind, path, base=base, kind=kind, inference=dict(RELEASE_INFERENCE),
+                      prompts=dict(RELEASE_PROMPTS), settings_from="OneReward release", hub=hub)
 
 
 def resolve_settings(own: dict, recipe_values: dict, override: dict) -> tuple[dict, dict]:
@@ -263,7 +272,7 @@ def load_fill_pipeline(spec: str, *, device="cpu", dtype=torch.float32, base: st
         raise InputError(f"a {info.kind}-only folder needs a base FluxFillPipeline to go into: set "
                          "models.fill_pipeline (e.g. black-forest-labs/FLUX.1-Fill-dev)", path=info.spec)
     pipe = load_fill_pipeline(base_spec, device=device, dtype=dtype, default_base=default_base, _depth=_depth + 1)
-    local = Path(info.path)
+    local = Path(info.path) if info.path else _fetch_subfolder(*info.hub, spec=info.spec)
     if info.kind == "lora":
         if not (local / LORA_FILE).exists():
             raise InputError(f"LoRA policy folder has no {LORA_FILE}", path=local)
