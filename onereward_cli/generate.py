@@ -5,7 +5,9 @@ a JSONL of triplets {id, source, mask?, prompt?, task?} with paths relative to t
 without a task draws one from the recipe task mix; a sample without a mask gets one from the mask
 builders in `tasks.py`. Every candidate draws its seed and inference parameters (steps, guidance,
 true CFG, shift mu, negative prompt) from the recipe ranges and records them, so any candidate can be
-regenerated alone with `rollout.full_rollout`.
+regenerated alone with `rollout.full_rollout`. A policy that carries inference settings of its own
+(onereward_policy.json of an rl output, the OneReward release folders) uses them instead of the ranges,
+and its own fixed prompts, except where `generate.override` forces a range (`policy_recipe`).
 
 All randomness of a sample derives from (recipe seed, sample id), never from its position, so a re-run,
 a `--limit`, or a split across ranks plans the same sample the same way. Everything is validated
@@ -385,6 +387,29 @@ def _device_dtype(recipe, state):
     return device, torch_dtype(recipe.dtype)
 
 
+def policy_recipe(recipe):
+    """The recipe with the policy's own inference settings and fixed prompts in place of the generate
+    ranges and the tasks' prompts (a fixed value v becomes the range [v, v]), unless generate.override
+    forces a range. Returns (recipe, {key: "policy" | "recipe" | "override"})."""
+    import dataclasses
+
+    from .models.flux_fill import describe_policy, resolve_settings
+
+    info = describe_policy(recipe.models.policy)
+    g, own = recipe.generate, info.inference
+    pinned = {k: (own[k], own[k]) for k in ("steps", "guidance", "true_cfg") if k in own}
+    if "negative_prompt" in own:
+        pinned["negative_prompts"] = (own["negative_prompt"],)
+    if own.get("resolution"):
+        pinned["resolution"] = own["resolution"]
+    values, sources = resolve_settings(pinned, {k: getattr(g, k) for k in
+                                                ("steps", "guidance", "true_cfg", "negative_prompts", "resolution")},
+                                       dataclasses.asdict(g.override))
+    tasks = {k: dataclasses.replace(t, fixed_prompt=info.prompts.get(k, t.fixed_prompt))
+             if t.fixed_prompt is not None else t for k, t in recipe.tasks.items()}
+    return dataclasses.replace(recipe, generate=dataclasses.replace(g, **values), tasks=tasks), sources
+
+
 def run(recipe, input, out, candidates: int, limit: int = 0):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -395,6 +420,7 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     out = Path(out)
     if candidates < 2:
         raise InputError("need at least 2 candidates to pick a best and a worst", field="--candidates")
+    recipe, sources = policy_recipe(recipe)
     state = _dist_state(recipe)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     is_main = rank == 0
@@ -419,7 +445,8 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     if mine:
         device, dtype = _device_dtype(recipe, state)
         with man.timed("load"):
-            pipe = load_fill_pipeline(recipe.models.policy, device=device, dtype=dtype)
+            pipe = load_fill_pipeline(recipe.models.policy, device=device, dtype=dtype,
+                                      default_base=recipe.models.fill_pipeline or None)
             pipe.set_progress_bar_config(disable=True)
         g = recipe.generate
         per_chunk = max(1, (4 * g.batch_size) // candidates)  # enough jobs to fill batches of equal steps
@@ -441,7 +468,10 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
             per_task[r["task"]] = per_task.get(r["task"], 0) + 1
         man.count(samples=len(samples), generated_samples=len(pending), skipped_samples=len(samples) - len(pending),
                   candidates_per_sample=candidates, per_task=per_task, ranks=world)
-        man.set(output=str(out / CANDIDATES))
+        g = recipe.generate
+        man.set(output=str(out / CANDIDATES),
+                inference={"steps": g.steps, "guidance": g.guidance, "true_cfg": g.true_cfg,
+                           "negative_prompts": g.negative_prompts, "resolution": g.resolution, "from": sources})
         man.write()
         console.print(f"generate: {len(pending)} new, {len(samples) - len(pending)} skipped -> {out / CANDIDATES}",
                       highlight=False)

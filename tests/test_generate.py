@@ -318,3 +318,40 @@ def test_ranks_split_samples_and_rank0_merges(synth_pool, tmp_path, monkeypatch,
     recs = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]
     assert [x["id"] for x in recs] == ids  # merged in input order
     assert not list(out.glob("candidates.part-*.jsonl")) and (out / "run.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A policy's own inference settings
+# ----------------------------------------------------------------------------------------------
+def test_policy_own_settings_replace_the_ranges_unless_overridden(synth_pool, zoo, tmp_path):
+    """Guards: a policy with settings of its own (here an rl-style folder) draws its candidates at those
+    values and with its fixed prompts, generate.override forces a range back, and run.json says which."""
+    import shutil
+
+    pol = tmp_path / "policy"
+    shutil.copytree(zoo / "flux-fill" / "transformer", pol)
+    (pol / "onereward_policy.json").write_text(json.dumps({
+        "base": "zoo:flux-fill", "kind": "transformer", "prompts": {"removal": "erase it"},
+        "inference": {"steps": 2, "guidance": 7.0, "true_cfg": 2.0, "negative_prompt": "blurry", "resolution": 32}}))
+    r, sources = G.policy_recipe(_recipe(f"models.policy={pol}"))
+    assert sources == {"steps": "policy", "guidance": "policy", "true_cfg": "policy", "negative_prompts": "policy",
+                       "resolution": "policy"}
+    samples = G.plan(r, synth_pool / "manifest.jsonl", 3)
+    params = [c["params"] for s in samples for c in s.candidates]
+    assert all((p["steps"], p["guidance"], p["true_cfg"], p["negative_prompt"]) == (2, 7.0, 2.0, "blurry")
+               for p in params)
+    assert {s.prompt for s in samples if s.task == "removal"} == {"erase it"}
+    assert G.build_condition(r, samples[0])[0].size == (32, 32)
+
+    r2, sources = G.policy_recipe(_recipe(f"models.policy={pol}", "generate.override.guidance=[1.0,30.0]"))
+    assert sources["guidance"] == "override" and sources["steps"] == "policy"
+    guid = [c["params"]["guidance"] for s in G.plan(r2, synth_pool / "manifest.jsonl", 3) for c in s.candidates]
+    assert len(set(guid)) > 1 and all(1.0 <= g <= 30.0 for g in guid)
+    # A base pipeline carries nothing: the recipe's ranges, as before.
+    assert set(G.policy_recipe(_recipe())[1].values()) == {"recipe"}
+
+    out = tmp_path / "cands"
+    G.run(_recipe(f"models.policy={pol}"), synth_pool / "manifest.jsonl", out, candidates=2, limit=1)
+    rec = json.loads((out / "candidates.jsonl").read_text())
+    assert {c["params"]["guidance"] for c in rec["candidates"]} == {7.0} and (rec["width"], rec["height"]) == (32, 32)
+    assert json.loads((out / "run.json").read_text())["inference"]["from"]["guidance"] == "policy"
