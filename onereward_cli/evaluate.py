@@ -221,13 +221,8 @@ def describe_policies(recipe, policies: list[Policy]):
     from .models.flux_fill import describe_policy, resolve_settings
 
     override = dataclasses.asdict(recipe.eval.override)
-    for i, p in enumerate(policies):
-        try:
-            info = describe_policy(p.spec)
-        except InputError as e:
-            if e.field is None:
-                e.field = "--policy" if i == 0 else "--compare"
-            raise
+    for p in policies:
+        info = describe_policy(p.spec)  # errors name the spec
         p.settings, p.sources = resolve_settings(info.inference, recipe_settings(recipe), override)
         p.prompts, p.settings_from = dict(info.prompts), info.settings_from
 
@@ -712,12 +707,12 @@ def run(r, *, policy: str | None = None, benchmark, out, compare=None, reward_mo
 
 
 def _check_model_spec(spec: str, field: str):
-    """Fail before any generation when a local model path plainly does not exist."""
-    from .models.flux_fill import _looks_like_local_path
-
+    """Fail before any generation when a local model path plainly does not exist (the reward model: a
+    hub id is "owner/name", anything with more slashes is a path)."""
     if spec.startswith(("zoo:", "zoo-random:")):
         return
-    if _looks_like_local_path(spec) and not Path(spec).expanduser().exists():
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if looks_local and not Path(spec).expanduser().exists():
         raise InputError("model folder not found", path=spec, field=field)
 
 

@@ -3,12 +3,14 @@
 Input: a curated.jsonl, a synth manifest.jsonl (or the folder holding either), a folder of images, or
 a JSONL of triplets {id, source, mask?, prompt?, task?} with paths relative to the JSONL. A sample
 without a task draws one from the recipe task mix; a sample without a mask gets one from the mask
-builders in `tasks.py`; for object removal that needs an object: a box of the pool (synth pools,
-curated passthrough) or, for pools without boxes, a mask proposed by `models.segmenter` (SAM, chosen by
-area, predicted IoU and stability). A removal sample with no acceptable object is skipped and counted in
-run.json (`skipped_no_object`), never given a random rectangle; a user mask always wins. Every candidate draws its seed and inference parameters (steps, guidance,
-true CFG, shift mu, negative prompt) from the recipe ranges and records them, so any candidate can be
-regenerated alone with `rollout.full_rollout`. A policy that carries inference settings of its own
+builders in `tasks.py`. Object removal needs an object: a box of the pool (synth pools, curated
+passthrough) or, for pools without boxes, a mask proposed by `models.segmenter` (SAM, chosen by area,
+predicted IoU and stability); a removal sample with no acceptable object is skipped and counted in
+run.json (`skipped_no_object`), never given a random rectangle; a user mask always wins.
+
+Every candidate draws its seed and inference parameters (steps, guidance, true CFG, shift mu, negative
+prompt) from the recipe ranges and records them, so any candidate can be regenerated alone with
+`rollout.full_rollout`. A policy that carries inference settings of its own
 (onereward_policy.json of an rl output, the OneReward release folders) uses them instead of the ranges,
 and its own fixed prompts, except where `generate.override` forces a range (`policy_recipe`).
 
@@ -307,12 +309,10 @@ def _read_segments(out: Path) -> dict[str, dict]:
     return {r["id"]: r for r in read_jsonl(f, tolerate_torn_tail=True)} if f.exists() else {}
 
 
-def segment_objects(recipe, samples: list[Sample], out: Path, device, dtype, console=None):
+def segment_objects(recipe, samples: list[Sample], out: Path, device, dtype):
     """Give each sample that needs an object the segmenter's pick, or leave it without one (skipped).
     Picks are recorded in segments.jsonl (+ segments/<id>.png) as they are made, so a re-run or another
     rank never segments a sample twice."""
-    import torch  # noqa: F401 - the segmenter needs it
-
     from .models.segmenter import load_segmenter, propose_masks
     from .tasks import choose_object_mask
 
@@ -325,8 +325,10 @@ def segment_objects(recipe, samples: list[Sample], out: Path, device, dtype, con
         size = fit_size(*src.size, recipe.generate.resolution)
         found = propose_masks(gen, src.resize(size, Image.BICUBIC), mc)
         # As with boxes: an object whose dilated mask would cover everything leaves no context to fill from.
-        props = [(m, sc) for m, sc in found if (removal_mask(size, user_mask=m, dilate=mc.removal_dilate) > 0).mean() < 1]
-        pick = choose_object_mask(props, _rng(recipe.seed, s.id, "segment"), mc.segment_min_area, mc.segment_max_area)
+        props = [(m, sc) for m, sc in found
+                 if (removal_mask(size, user_mask=m, dilate=mc.removal_dilate) > 0).mean() < 1]
+        pick = choose_object_mask(props, _rng(recipe.seed, s.id, "segment"), mc.segment_min_area,
+                                  mc.segment_max_area)
         rec = {"id": s.id, "proposals": len(found), "mask": None}
         if pick is not None:
             rec["mask"] = f"segments/{s.id}.png"
