@@ -2,22 +2,33 @@
 import from JSONL/CSV, or the synthetic oracle. All three write `annotations.jsonl`:
 
     {"sample_id", "annotator", "task", "labels": {"<dimension>": {"best": i, "worst": j} | "no difference"},
-     "time"}
+     "order": [i, ...], "time"}
 
 one record per (sample, annotator), holding every dimension of the sample's task (recipe
-`tasks.<key>.dimensions`). Candidate indices are 0-based, as in candidates.jsonl.
+`tasks.<key>.dimensions`). Candidate indices are 0-based, as in candidates.jsonl. `order` (page labels
+only) is the order the page showed the candidates in: each annotator sees each sample's candidates in
+its own seeded shuffle (`shown_order`), so no candidate index is favoured by its place on the screen;
+the page reports picks by shown position and the server maps them back to candidate indices.
 
-The page appends each submitted sample at once (artifacts.append_jsonl), so killing the server loses
-nothing and a restart resumes at the first sample the annotator has not labelled. Imports and the
-oracle build every record first and then rewrite the file atomically; records of other
-(sample, annotator) pairs already in the file are kept.
+    {"sample_id", "annotator", "task", "retract": true, "time"}
+
+is an undo: it withdraws every earlier label of that (sample, annotator); readers fold the file in order
+(`standing_records`). The page appends each submit, undo and skip at once (artifacts.append_jsonl; skips go
+to annotations.skips.jsonl beside it), so killing the server loses nothing, and a restart resumes at
+the first sample the annotator has not labelled, skipped samples last. Imports and the oracle build
+every record first and then rewrite the file atomically, keeping the records of other (sample,
+annotator) pairs; they hold `annotation_lock` meanwhile, as the page does for each append, so an import
+next to a running page loses none of its labels.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import ipaddress
 import json
 import mimetypes
+import os
+import random
 import socket
 import threading
 import time
@@ -47,8 +58,8 @@ CANDIDATES_SCHEMA = {
     "candidates": (list, True),
 }
 ANNOTATION_SCHEMA = {
-    "sample_id": (str, True), "annotator": (str, False), "task": (str, False), "labels": (dict, True),
-    "time": (str, False),
+    "sample_id": (str, True), "annotator": (str, False), "task": (str, False), "labels": (dict, False),
+    "order": (list, False), "retract": (bool, False), "time": (str, False),
 }
 CSV_COLUMNS = ("sample_id", "dimension", "best", "worst")
 
@@ -188,26 +199,99 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-def make_record(sample: Sample, annotator: str, labels: dict, when: str | None = None) -> dict:
-    return {"sample_id": sample.id, "annotator": annotator, "task": sample.task, "labels": labels,
-            "time": when or _now()}
+def make_record(sample: Sample, annotator: str, labels: dict, when: str | None = None, order=None) -> dict:
+    rec = {"sample_id": sample.id, "annotator": annotator, "task": sample.task, "labels": labels}
+    if order is not None:
+        rec["order"] = list(order)
+    rec["time"] = when or _now()
+    return rec
+
+
+def retraction(sample: Sample, annotator: str) -> dict:
+    return {"sample_id": sample.id, "annotator": annotator, "task": sample.task, "retract": True, "time": _now()}
+
+
+def shown_order(seed: int, annotator: str, sample_id: str, n: int) -> list[int]:
+    """The order one annotator sees one sample's candidates in: a shuffle seeded by (recipe seed,
+    annotator, sample), so it is the same after a restart and differs between annotators and samples."""
+    order = list(range(n))
+    random.Random(f"{seed}:annotate:{annotator}:{sample_id}").shuffle(order)
+    return order
+
+
+def check_order(order, n: int, *, path=None, line=None) -> list[int]:
+    if not (isinstance(order, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in order)
+            and sorted(order) == list(range(n))):
+        raise InputError(f"expected the shown order, a permutation of 0..{n - 1}, got {order!r}", path=path,
+                         line=line, field="order")
+    return order
+
+
+def _check_record_shape(r: dict, target, line):
+    if r.get("retract") is True:
+        return
+    if r.get("retract") not in (None, False):
+        raise InputError("expected true", path=target, line=line, field="retract")
+    if not isinstance(r.get("labels"), dict):
+        raise InputError("missing (a label record needs labels; an undo has \"retract\": true)", path=target,
+                         line=line, field="labels")
 
 
 def read_annotations(target) -> list[dict]:
-    """Existing records of `target` (none if it does not exist); a torn last line is ignored."""
+    """Every record of `target` in file order, undos included (none if it does not exist); a torn last
+    line is ignored."""
     target = Path(target)
     if not target.exists():
         return []
-    return [strip_meta(r) for r in read_jsonl(target, ANNOTATION_SCHEMA, tolerate_torn_tail=True)]
+    recs = read_jsonl(target, ANNOTATION_SCHEMA, tolerate_torn_tail=True,
+                      check=lambda r, line: _check_record_shape(r, target, line))
+    return [strip_meta(r) for r in recs]
+
+
+def standing_records(records: list[dict]) -> list[dict]:
+    """The label records no undo has withdrawn, in file order (a retraction withdraws every earlier label
+    of its (sample, annotator))."""
+    out: dict[int, dict] = {}
+    by_key: dict[tuple, list[int]] = {}
+    for i, r in enumerate(records):
+        key = (r["sample_id"], r.get("annotator"))
+        if r.get("retract"):
+            for j in by_key.pop(key, []):
+                out.pop(j, None)
+        else:
+            out[i] = r
+            by_key.setdefault(key, []).append(i)
+    return [out[i] for i in sorted(out)]
+
+
+@contextlib.contextmanager
+def annotation_lock(target):
+    """An exclusive lock shared by everything that writes `target` (the page's appends, imports, the
+    oracle), across processes: an import's read-merge-rename can then never drop a label the page
+    appended meanwhile. A sidecar file, because the rename replaces the annotations file's inode."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(target.with_name(target.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: one writer at a time is up to the user
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def merge_and_write(target, new_records: list[dict]) -> tuple[int, int]:
     """Replace the (sample, annotator) records in `target` that `new_records` redo, keep the rest, and
-    rewrite the file atomically. Returns (kept, replaced)."""
+    rewrite the file atomically, under `annotation_lock`. Returns (kept, replaced)."""
     new_keys = {(r["sample_id"], r["annotator"]) for r in new_records}
-    old = read_annotations(target)
-    kept = [r for r in old if (r["sample_id"], r.get("annotator")) not in new_keys]
-    write_jsonl(target, kept + new_records)
+    with annotation_lock(target):
+        old = read_annotations(target)
+        kept = [r for r in old if (r["sample_id"], r.get("annotator")) not in new_keys]
+        write_jsonl(target, kept + new_records)
     return len(kept), len(old) - len(kept)
 
 
@@ -266,8 +350,8 @@ def annotate_with_oracle(r, candidates_dir, target, annotator: str = "oracle"):
 # Import
 # ----------------------------------------------------------------------------------------------
 def _import_jsonl(path: Path, samples: dict[str, Sample], default_annotator: str) -> list[dict]:
-    out, first_line = [], {}
-    for rec in read_jsonl(path, ANNOTATION_SCHEMA):
+    out, first_line = {}, {}
+    for rec in read_jsonl(path, ANNOTATION_SCHEMA, check=lambda r, line: _check_record_shape(r, path, line)):
         line = rec["_line"]
         sample = samples.get(rec["sample_id"])
         if sample is None:
@@ -278,13 +362,18 @@ def _import_jsonl(path: Path, samples: dict[str, Sample], default_annotator: str
                              path=path, line=line, field="task")
         annotator = check_annotator(rec.get("annotator") or default_annotator, path=path, line=line)
         key = (sample.id, annotator)
+        if rec.get("retract"):  # an undo in a page-written file: the label before it does not stand
+            out.pop(key, None)
+            first_line.pop(key, None)
+            continue
         if key in first_line:
             raise InputError(f"sample '{sample.id}' labelled twice by '{annotator}' (first on line "
                              f"{first_line[key]})", path=path, line=line, field="sample_id")
         first_line[key] = line
         labels = check_labels(rec["labels"], sample, path=path, line=line)
-        out.append(make_record(sample, annotator, labels, rec.get("time")))
-    return out
+        order = check_order(rec["order"], len(sample.candidates), path=path, line=line) if "order" in rec else None
+        out[key] = make_record(sample, annotator, labels, rec.get("time"), order)
+    return list(out.values())
 
 
 def _csv_index(raw, field, path, line):
@@ -383,34 +472,67 @@ class AlreadyLabelled(Exception):
     pass
 
 
-class LabelState:
-    """Samples, this annotator's progress and skips. One lock covers check-then-append so a double
-    submit can never write two records."""
+class StalePage(Exception):
+    pass
 
-    def __init__(self, samples: dict[str, Sample], target: Path, annotator: str):
-        self.samples, self.target, self.annotator = samples, target, annotator
+
+class LabelState:
+    """Samples, this annotator's progress, skips and undo. One lock covers check-then-append so a double
+    submit can never write two records; `annotation_lock` keeps imports of other processes out meanwhile.
+
+    Candidates are shown in `shown_order(seed, annotator, sample)`; the page submits its picks by shown
+    position with the order it showed ({"sample_id", "order", "shown"}), the server maps them to candidate
+    indices and records the order. Scripts may submit candidate indices directly ({"sample_id", "labels"}).
+    """
+
+    def __init__(self, samples: dict[str, Sample], target: Path, annotator: str, seed: int = 0):
+        self.samples, self.target, self.annotator, self.seed = samples, target, annotator, seed
         self.order = list(samples)
         self.lock = threading.Lock()
+        self.skips_path = target.with_name(target.stem + ".skips.jsonl")
         self._skips: dict[str, int] = {}  # sample id -> when it was skipped; skipped samples come last
         self._skip_clock = 0
+        for r in self._read_skips():
+            self._skip_clock += 1
+            self._skips[r["sample_id"]] = self._skip_clock
         self._stamp = None
-        self._done: set[str] = set()
+        self._mine: list[dict] = []  # this annotator's standing label records, in file order
+        self._redo: str | None = None  # the sample an undo put back: shown next
 
-    def _labelled(self) -> set[str]:
+    def _read_skips(self) -> list[dict]:
+        if not self.skips_path.exists():
+            return []
+        recs = read_jsonl(self.skips_path, {"sample_id": (str, True), "annotator": (str, True)},
+                          tolerate_torn_tail=True)
+        return [r for r in recs if r["annotator"] == self.annotator and r["sample_id"] in self.samples]
+
+    def shown(self, sample: Sample) -> list[int]:
+        return shown_order(self.seed, self.annotator, sample.id, len(sample.candidates))
+
+    def _refresh(self) -> list[dict]:
         # Re-read when the file changed: another server (same annotator) or an import may write too.
         try:
             st = self.target.stat()
-            stamp = (st.st_mtime_ns, st.st_size)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             stamp = None
         if stamp != self._stamp:
-            self._done = {r["sample_id"] for r in read_annotations(self.target)
-                          if r.get("annotator") == self.annotator and r["sample_id"] in self.samples}
+            self._mine = [r for r in standing_records(read_annotations(self.target))
+                          if r.get("annotator") == self.annotator and r["sample_id"] in self.samples]
             self._stamp = stamp
-        return self._done
+        return self._mine
+
+    def _labelled(self) -> set[str]:
+        return {r["sample_id"] for r in self._refresh()}
+
+    def last_submitted(self) -> str | None:
+        mine = self._refresh()
+        return mine[-1]["sample_id"] if mine else None
 
     def next_sample(self) -> Sample | None:
         done = self._labelled()
+        if self._redo is not None and self._redo not in done:
+            return self.samples[self._redo]
         todo = [(self._skips.get(sid, -1), i, sid) for i, sid in enumerate(self.order) if sid not in done]
         return self.samples[min(todo)[2]] if todo else None
 
@@ -422,26 +544,59 @@ class LabelState:
     def state(self) -> dict:
         with self.lock:
             s = self.next_sample()
-            return {"annotator": self.annotator, "progress": self.progress(),
-                    "sample": None if s is None else sample_view(s)}
+            return {"annotator": self.annotator, "progress": self.progress(), "last": self.last_submitted(),
+                    "sample": None if s is None else sample_view(s, self.shown(s))}
 
     def submit(self, payload) -> dict:
         if not isinstance(payload, dict):
-            raise InputError("expected a JSON object {\"sample_id\", \"labels\"}")
-        extra = set(payload) - {"sample_id", "labels"}
+            raise InputError("expected a JSON object {\"sample_id\", \"labels\"} or {\"sample_id\", \"order\", "
+                             "\"shown\"}")
+        extra = set(payload) - {"sample_id", "labels", "order", "shown"}
         if extra:
             raise InputError(f"unexpected field(s) {', '.join(sorted(map(str, extra)))}", field="body")
-        validate_record(payload, {"sample_id": (str, True), "labels": (dict, True)})
+        if ("labels" in payload) == ("shown" in payload):
+            raise InputError("give either labels (candidate indices) or shown + order (shown positions)",
+                             field="labels")
+        validate_record(payload, {"sample_id": (str, True), "labels": (dict, False), "shown": (dict, False),
+                                  "order": (list, "shown" in payload)})
         sample = self.samples.get(payload["sample_id"])
         if sample is None:
             raise InputError(f"unknown sample id '{payload['sample_id']}'", field="sample_id")
-        labels = check_labels(payload["labels"], sample)
-        with self.lock:
+        order = None
+        if "shown" in payload:
+            order = self.shown(sample)
+            if payload["order"] != order:
+                raise StalePage(f"sample '{sample.id}' was shown in another order than this server shows it: "
+                                "reload the page")
+            picks = check_labels(payload["shown"], sample)  # positions: the same range checks as indices
+            labels = {d: v if v == NO_DIFFERENCE else {"best": order[v["best"]], "worst": order[v["worst"]]}
+                      for d, v in picks.items()}
+        else:
+            labels = check_labels(payload["labels"], sample)
+        with self.lock, annotation_lock(self.target):
             if sample.id in self._labelled():
                 raise AlreadyLabelled(f"sample '{sample.id}' is already labelled by '{self.annotator}'")
-            rec = make_record(sample, self.annotator, labels)
+            rec = make_record(sample, self.annotator, labels, order=order)
             append_jsonl(self.target, rec)
             self._skips.pop(sample.id, None)
+            if self._redo == sample.id:
+                self._redo = None
+            return rec
+
+    def undo(self, payload) -> dict:
+        """Withdraw the annotator's last submitted sample (appending a retraction); it is shown next."""
+        if not isinstance(payload, dict) or not isinstance(payload.get("sample_id"), str):
+            raise InputError("expected a JSON object {\"sample_id\"} naming the last submitted sample",
+                             field="sample_id")
+        with self.lock, annotation_lock(self.target):
+            last = self.last_submitted()
+            if last is None:
+                raise AlreadyLabelled(f"nothing to undo: '{self.annotator}' has no label left")
+            if payload["sample_id"] != last:
+                raise AlreadyLabelled(f"the last submitted sample is '{last}', not '{payload['sample_id']}'")
+            rec = retraction(self.samples[last], self.annotator)
+            append_jsonl(self.target, rec)
+            self._redo = last
             return rec
 
     def skip(self, payload) -> None:
@@ -450,21 +605,27 @@ class LabelState:
         if payload["sample_id"] not in self.samples:
             raise InputError(f"unknown sample id '{payload['sample_id']}'", field="sample_id")
         with self.lock:
+            # Appended, so a restart still puts skipped samples last (in the order they were skipped).
+            append_jsonl(self.skips_path, {"sample_id": payload["sample_id"], "annotator": self.annotator,
+                                           "time": _now()})
             self._skip_clock += 1
             self._skips[payload["sample_id"]] = self._skip_clock
+            if self._redo == payload["sample_id"]:
+                self._redo = None
 
 
 def _file_url(rel: str) -> str:
     return "/files/" + quote(rel)
 
 
-def sample_view(s: Sample) -> dict:
-    """What the page shows. The candidates' inference parameters are left out so they cannot bias."""
+def sample_view(s: Sample, order: list[int]) -> dict:
+    """What the page shows: the candidates in `order`, by position. Their inference parameters are left
+    out so they cannot bias."""
     return {
         "id": s.id, "task": s.task, "task_name": s.task_name, "user_prompt": s.user_prompt,
         "prompt": s.prompt, "width": s.width, "height": s.height,
-        "source": _file_url(s.source), "mask": _file_url(s.mask),
-        "candidates": [{"index": i, "url": _file_url(c)} for i, c in enumerate(s.candidates)],
+        "source": _file_url(s.source), "mask": _file_url(s.mask), "order": order,
+        "candidates": [{"position": k, "url": _file_url(s.candidates[i])} for k, i in enumerate(order)],
         "dimensions": [{"name": d, "definition": DIMENSION_DEFINITIONS.get(d, "")} for d in s.dimensions],
     }
 
@@ -524,7 +685,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(403, "unexpected Host header: open the address `onereward annotate` printed")
         try:
             handler()
-        except AlreadyLabelled as e:
+        except (AlreadyLabelled, StalePage) as e:
             self._error(409, str(e))
         except InputError as e:
             self._error(input_error_status, str(e), e.field)
@@ -568,6 +729,9 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/api/skip":
             state.skip(payload)
             return self._json(200, {"ok": True})
+        if path == "/api/undo":
+            rec = state.undo(payload)
+            return self._json(200, {"ok": True, "record": rec, "progress": state.progress()})
         return self._error(404, f"not found: {path}")
 
     def _read_json(self):
@@ -627,7 +791,7 @@ def make_server(r, candidates_dir, target, annotator: str = "anonymous", host: s
     annotator = check_annotator(annotator, field="--annotator")
     root, target = Path(candidates_dir), Path(target)
     samples = load_samples(r, root)
-    state = LabelState(samples, target, annotator)
+    state = LabelState(samples, target, annotator, seed=r.seed)
     state.progress()  # a malformed annotations file is an error now, not at the first request
     cls = AnnotationServer
     if ":" in host:

@@ -216,10 +216,13 @@ def rl(
 
 @app.command("eval")
 def eval_(
-    policy: str = typer.Option(..., "--policy", "-p", help="Base model id/path, a LoRA dir or a transformer dir from `rl`."),
+    policy: str = typer.Option(None, "--policy", "-p", help="Base model id/path, an `rl` output, a transformer or LoRA "
+                                                          "folder, or a hub subfolder (owner/repo/folder); default: "
+                                                          "recipe eval.policy."),
     benchmark: Path = typer.Option(..., "--benchmark", "-b", help="JSONL of triplets or a generate-style folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (metrics, GSB, report.html)."),
-    compare: Optional[List[str]] = typer.Option(None, "--compare", "-c", help="Other policies to compare against (repeatable)."),
+    compare: Optional[List[str]] = typer.Option(None, "--compare", "-c", help="Other policies to compare against "
+                                                                              "(repeatable; default: recipe eval.compare)."),
     reward_model: str = typer.Option(None, "--reward-model", help="Reward model for Good-Same-Bad (default: recipe models.reward)."),
     human: Path = typer.Option(None, "--human", help="Human ratings (CSV/JSONL: sample, model, dimension, value) for Table 3."),
     recipe: str = RecipeOpt,
@@ -228,11 +231,12 @@ def eval_(
     """Generate with fixed seeds, score with the paper's metrics, compare policies (GSB), write report.html.
 
     Example: onereward eval --policy ./rl-static/policy --compare zoo:flux-fill --benchmark ./bench.jsonl --out ./eval
+             onereward eval --recipe eval-onereward-release --benchmark ./bench.jsonl --out ./eval
     """
     r = _recipe(recipe, set_)
     from . import evaluate as stage
 
-    stage.run(r, policy=policy, benchmark=benchmark, out=out, compare=compare or [], reward_model=reward_model,
+    stage.run(r, policy=policy, benchmark=benchmark, out=out, compare=compare or None, reward_model=reward_model,
               human=human)
 
 

@@ -1,26 +1,35 @@
 """`onereward eval`: generate with fixed seeds, score (paper Table 2), compare (Fig. 7), report.
 
     onereward eval --policy ./rl/policy --compare zoo:flux-fill --benchmark bench.jsonl --out ./eval
+    onereward eval --recipe eval-onereward-release --benchmark bench.jsonl --out ./eval
 
 1. Benchmark: a JSONL of triplets {"id","source","mask","prompt","task"} (paths relative to the JSONL)
    or a `generate` output folder (candidates.jsonl: its source, mask, user prompt and task per sample).
-   Every row is validated (images readable, mask aspect = image aspect, mask not empty, a prompt for
-   tasks that need one) before any model is loaded.
-2. Generation: every policy edits every sample with the same seed (eval.seed + sample index) and the
-   recipe's eval steps / guidance / true CFG / negative prompt / resolution, through the one rollout
-   implementation. Edits go to images/<policy label>/<id>.png; edits.jsonl records how each was made,
-   so a re-run reuses the edits whose policy, seed and parameters are unchanged.
-3. Metrics (onereward_cli.metrics): each enabled metric scores every policy's edits for its tasks;
-   a metric that fails is recorded in metrics.json and the report, the others go on.
-4. Good-Same-Bad of the first policy against each --compare policy, judged by the OneReward scorer in
+   Every row is validated (images readable, mask aspect = image aspect, mask not empty at every
+   resolution a policy runs at, a prompt for tasks that need one) before any model is loaded.
+2. Policies: --policy/--compare, or the recipe's eval.policy/eval.compare. Each runs with its own
+   inference settings (onereward_policy.json of an rl output, or the OneReward release's) where it has
+   them, the recipe's eval.* where it has none, and eval.override.* wherever the recipe forces a value;
+   a policy's own fixed prompts ("remove", ...) replace the recipe's for prompt-free tasks.
+3. Generation: every policy edits every sample with the same seed (eval.seed + sample index) through
+   the one rollout implementation. Each edit is written to images/<policy label>/<id>.png and recorded
+   in edits.jsonl as soon as its batch is done, and nothing keeps edits in memory: a killed run resumes
+   with the edits whose policy files, seed, prompt and settings are unchanged.
+4. Metrics (onereward_cli.metrics): each enabled metric scores every policy's edits for its tasks,
+   reading them from disk a batch at a time; a metric that fails is recorded in metrics.json and the
+   report, the others go on. Scores (and reward-model judgements) are appended to scores.jsonl as
+   they are made, so a re-run scores only what is new.
+5. Good-Same-Bad of the first policy against each compared policy, judged by the OneReward scorer in
    both orders per dimension, and from --human ratings when given; Table 3 from --human.
-5. metrics.json, run.json, report.md and a self-contained report.html; tables also in the terminal.
+6. metrics.json, run.json, report.md and a self-contained report.html; tables also in the terminal.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .artifacts import RunManifest, append_jsonl, open_image, read_jsonl, save_png, write_json
 from .errors import InputError
-from .metrics import EvalItem, MetricRun, _free_memory, mean_std, run_metrics
+from .metrics import MetricRun, _free_memory, mean_std, run_metrics
 from .metrics import gsb as G
 from .metrics import human as H
 from .recipe import resolve_device, torch_dtype
@@ -44,6 +53,8 @@ TRIPLET_SCHEMA = {"id": ((str, int), True), "source": (str, True), "mask": (str,
                   "task": (str, True)}
 CANDIDATES_SCHEMA = {"id": ((str, int), True), "source": (str, True), "mask": (str, True),
                      "user_prompt": (str, False), "task": (str, True)}
+SETTING_LABELS = {"steps": "Steps", "guidance": "Guidance", "true_cfg": "True CFG",
+                  "negative_prompt": "Negative prompt", "resolution": "Resolution"}
 
 
 def task_title(task: str) -> str:
@@ -55,14 +66,24 @@ def task_title(task: str) -> str:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Sample:
+    """One benchmark row, validated. Pixels stay on disk: `condition(resolution)` reads them."""
     index: int                 # position in the benchmark; the generation seed is eval.seed + index
     id: str
     task: str
     user_prompt: str | None
-    prompt: str                # what the generator sees
-    source: Image.Image        # RGB at generation size
-    mask: np.ndarray           # uint8 (H, W), 255 = edit, at generation size
+    source_path: Path
+    mask_path: Path
+    size: tuple[int, int]      # the source's (W, H)
     where: str                 # "file:line" of the row
+
+    def condition(self, resolution: int) -> tuple[Image.Image, np.ndarray]:
+        """(RGB source, uint8 mask with 255 = edit) at about resolution**2 pixels, multiples of 16."""
+        from .tasks import fit_size, load_user_mask, resize_mask
+
+        src = open_image(self.source_path)
+        size = fit_size(*src.size, resolution)
+        mask = resize_mask(load_user_mask(self.mask_path, src.size), size)
+        return (src.resize(size, Image.BICUBIC) if src.size != size else src), mask
 
 
 def _benchmark_rows(path: Path) -> tuple[Path, list[dict], str]:
@@ -81,13 +102,15 @@ def _benchmark_rows(path: Path) -> tuple[Path, list[dict], str]:
     return path, read_jsonl(path, TRIPLET_SCHEMA), "prompt"
 
 
-def load_benchmark(path, recipe, warn=None) -> list[Sample]:
-    """Read and validate every benchmark row (InputError names file:line:field and the sample)."""
-    from .tasks import check_mask, fit_size, load_user_mask, resize_mask, task_prompt
+def load_benchmark(path, recipe, warn=None, resolutions=()) -> list[Sample]:
+    """Read and validate every benchmark row (InputError names file:line:field and the sample). Masks
+    are checked at eval.resolution and at every resolution in `resolutions`."""
+    from .tasks import check_mask, fit_size, load_user_mask, resize_mask
 
     f, rows, prompt_key = _benchmark_rows(Path(path))
     if not rows:
         raise InputError("the benchmark has no samples", path=f)
+    sizes = sorted({recipe.eval.resolution, *resolutions})
     samples, seen = [], {}
     for rec in rows:
         line = rec["_line"]
@@ -114,25 +137,48 @@ def load_benchmark(path, recipe, warn=None) -> list[Sample]:
         user_mask = load_user_mask(mask_path, src.size, where=f, line=line, on_resize=(
             (lambda old, new: warn(f"{f}:{line}: sample '{sid}': mask is {old[0]}x{old[1]}, image "
                                    f"{new[0]}x{new[1]}; resized (nearest)")) if warn else None))
-        size = fit_size(*src.size, recipe.eval.resolution)
-        mask = resize_mask(user_mask, size)
-        check_mask(mask, task, path=f, line=line)
-        samples.append(Sample(len(samples), sid, task, user, task_prompt(tcfg, user),
-                              src.resize(size, Image.BICUBIC) if src.size != size else src, mask, f"{f}:{line}"))
+        for res in sizes:
+            check_mask(resize_mask(user_mask, fit_size(*src.size, res)), task, path=f, line=line)
+        samples.append(Sample(len(samples), sid, task, user, src_path, mask_path, src.size, f"{f}:{line}"))
     return samples
 
 
 # ----------------------------------------------------------------------------------------------
-# Policies
+# Policies and their inference settings
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Policy:
     label: str
     spec: str
+    settings: dict = field(default_factory=dict)   # steps, guidance, true_cfg, negative_prompt, resolution
+    sources: dict = field(default_factory=dict)    # key -> "policy" | "recipe" | "override"
+    prompts: dict = field(default_factory=dict)    # its own fixed prompts {task: prompt}
+    settings_from: str = ""                         # where its own settings come from ("" = none)
+
+    def prompt(self, recipe, s: Sample) -> str:
+        """The prompt the generator sees: the user's, or the fixed prompt of a prompt-free task (the
+        policy's own when it has one, e.g. the release's "remove")."""
+        tcfg = recipe.tasks[s.task]
+        if tcfg.fixed_prompt is None:
+            return s.user_prompt or ""
+        return self.prompts.get(s.task) or tcfg.fixed_prompt
+
+    def settings_note(self) -> str:
+        """Where the settings came from, for the report."""
+        by = {src: [k for k in self.settings if self.sources.get(k) == src] for src in ("policy", "recipe", "override")}
+        parts = []
+        if by["policy"]:
+            parts.append(f"own ({self.settings_from})")
+        if by["recipe"]:
+            parts.append("recipe eval.*" + (f": {', '.join(by['recipe'])}" if by["policy"] or by["override"] else ""))
+        if by["override"]:
+            parts.append(f"eval.override: {', '.join(by['override'])}")
+        return "; ".join(parts)
 
 
 def policy_label(spec: str) -> str:
-    """A short, file-safe name: zoo:flux-fill -> zoo-flux-fill, runs/a/policy -> a-policy, org/Model -> Model."""
+    """A short, file-safe name: zoo:flux-fill -> zoo-flux-fill, runs/a/policy -> a-policy, org/Model -> Model,
+    bytedance-research/OneReward/flux.1-fill-dev-OneReward-transformer -> OneReward (release folders)."""
     s = spec.strip().rstrip("/")
     if s.startswith("zoo:"):
         base = "zoo-" + s[4:]
@@ -141,6 +187,9 @@ def policy_label(spec: str) -> str:
         base = parts[-1] if parts else s
         if base in ("policy", "ema", "transformer") and len(parts) > 1:
             base = f"{parts[-2]}-{base}"
+        m = re.fullmatch(r"flux\.1-fill-dev-(.+?)(-transformer)?", base)
+        if m:  # the OneReward release's folder names
+            base = m.group(1)
     return re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._") or "policy"
 
 
@@ -158,6 +207,31 @@ def make_policies(specs: list[str]) -> list[Policy]:
     return out
 
 
+def recipe_settings(recipe) -> dict:
+    e = recipe.eval
+    return {"steps": e.steps, "guidance": e.guidance, "true_cfg": e.true_cfg, "negative_prompt": e.negative_prompt,
+            "resolution": e.resolution}
+
+
+def describe_policies(recipe, policies: list[Policy]):
+    """Fill in each policy's settings and prompts (reads policy files, nothing heavy); bad specs fail here,
+    before any generation."""
+    import dataclasses
+
+    from .models.flux_fill import describe_policy, resolve_settings
+
+    override = dataclasses.asdict(recipe.eval.override)
+    for p in policies:
+        info = describe_policy(p.spec)  # errors name the spec
+        p.settings, p.sources = resolve_settings(info.inference, recipe_settings(recipe), override)
+        p.prompts, p.settings_from = dict(info.prompts), info.settings_from
+
+
+def gen_params(recipe, pol: Policy) -> dict:
+    """Everything besides the seed and prompt that decides an edit."""
+    return dict(pol.settings) | {"max_sequence_length": recipe.eval.max_sequence_length}
+
+
 def policy_fingerprint(spec: str) -> str:
     """What decides a policy's outputs: the spec, plus the names, sizes and mtimes of local files."""
     from .models.tiny import resolve_model_path
@@ -171,18 +245,8 @@ def policy_fingerprint(spec: str) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_model_spec(spec: str, field: str):
-    """Fail before any generation when a local model path plainly does not exist."""
-    if spec.startswith("zoo:"):
-        return
-    p = Path(spec).expanduser()
-    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
-    if looks_local and not p.exists():
-        raise InputError("model folder not found", path=spec, field=field)
-
-
 # ----------------------------------------------------------------------------------------------
-# Generation
+# Generation: edits go to disk as soon as they exist; nothing holds them in memory
 # ----------------------------------------------------------------------------------------------
 def _to_tensor(img: Image.Image):
     import torch
@@ -195,22 +259,34 @@ def _to_uint8(x) -> np.ndarray:
     return (x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def gen_params(recipe) -> dict:
-    e = recipe.eval
-    return {"steps": e.steps, "guidance": e.guidance, "true_cfg": e.true_cfg, "negative_prompt": e.negative_prompt,
-            "resolution": e.resolution, "max_sequence_length": e.max_sequence_length}
+def _batches(samples: list[Sample], size: int, resolution: int):
+    """Consecutive runs of samples of the same generation size, at most `size` each."""
+    from .tasks import fit_size
 
-
-def _batches(samples: list[Sample], size: int):
-    """Consecutive runs of same-sized samples, at most `size` each (a batch must share H and W)."""
-    batch = []
+    batch, shape = [], None
     for s in samples:
-        if batch and (len(batch) == size or batch[0].source.size != s.source.size):
+        here = fit_size(*s.size, resolution)
+        if batch and (len(batch) == size or shape != here):
             yield batch
             batch = []
         batch.append(s)
+        shape = here
     if batch:
         yield batch
+
+
+def inputs_dir(out: Path, resolution: int) -> Path:
+    return out / "images" / "_inputs" / f"{resolution}px"
+
+
+def edit_path(out: Path, pol: Policy, s: Sample) -> Path:
+    return out / "images" / pol.label / f"{s.id}.png"
+
+
+def edit_key(rec: dict) -> str:
+    """Identity of an edit (its policy files, seed, prompt and settings) for the score cache."""
+    keep = {k: rec.get(k) for k in ("policy", "fingerprint", "id", "seed", "prompt", "params")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _existing_edits(out: Path) -> dict[tuple[str, str], dict]:
@@ -221,55 +297,153 @@ def _existing_edits(out: Path) -> dict[tuple[str, str], dict]:
 
 
 def generate_edits(recipe, pol: Policy, samples: list[Sample], out: Path, device, dtype, progress,
-                   existing: dict) -> tuple[dict[str, Image.Image], int]:
-    """Edits of one policy for every sample ({id: image}, number generated now), reusing valid ones."""
+                   existing: dict) -> tuple[dict[str, dict], int]:
+    """Write every missing edit of one policy to disk. Returns ({id: edit record}, number generated now);
+    `existing` (policy, id) -> record from an earlier run supplies the edits that are still valid."""
     import torch
 
     from . import rollout
     from .models.flux_fill import load_fill_pipeline
 
-    params = gen_params(recipe)
+    params = gen_params(recipe, pol)
     fp = policy_fingerprint(pol.spec)
-    edits: dict[str, Image.Image] = {}
+    records: dict[str, dict] = {}
     todo = []
     for s in samples:
         rec = existing.get((pol.label, s.id))
-        path = out / "images" / pol.label / f"{s.id}.png"
-        if (rec and rec.get("fingerprint") == fp and rec.get("seed") == recipe.eval.seed + s.index
-                and rec.get("params") == params and path.is_file()):
-            edits[s.id] = open_image(path)
+        want = {"policy": pol.label, "spec": pol.spec, "fingerprint": fp, "id": s.id, "task": s.task,
+                "seed": recipe.eval.seed + s.index, "prompt": pol.prompt(recipe, s), "params": params,
+                "path": f"images/{pol.label}/{s.id}.png"}
+        if rec and all(rec.get(k) == want[k] for k in ("fingerprint", "seed", "prompt", "params")) \
+                and edit_path(out, pol, s).is_file():
+            records[s.id] = want
         else:
-            todo.append(s)
+            todo.append((s, want))
     if not todo:
-        return edits, 0
-    pipe = load_fill_pipeline(pol.spec, device=device, dtype=dtype)
-    e = recipe.eval
+        return records, 0
+    e, st = recipe.eval, pol.settings
+    pipe = load_fill_pipeline(pol.spec, device=device, dtype=dtype,
+                              default_base=recipe.models.fill_pipeline or recipe.models.policy)
     task = progress.add_task(f"generate {pol.label}", total=len(todo))
+    wants = {s.id: w for s, w in todo}
+    cfg = st["true_cfg"] > 1
     try:
-        for batch in _batches(todo, e.batch_size):
-            texts = [s.prompt for s in batch] + ([e.negative_prompt] if e.true_cfg > 1 else [])
+        for batch in _batches([s for s, _ in todo], e.batch_size, st["resolution"]):
+            conds = [s.condition(st["resolution"]) for s in batch]
+            prompts = [wants[s.id]["prompt"] for s in batch]
+            texts = prompts + ([st["negative_prompt"]] if cfg else [])
             table = rollout.encode_unique(pipe, texts, e.max_sequence_length, device=device)
-            neg = table.lookup([e.negative_prompt] * len(batch)) if e.true_cfg > 1 else None
+            neg = table.lookup([st["negative_prompt"]] * len(batch)) if cfg else None
             gens = [torch.Generator("cpu").manual_seed(e.seed + s.index) for s in batch]
-            imgs = rollout.full_rollout(pipe, torch.stack([_to_tensor(s.source) for s in batch]),
-                                        torch.stack([torch.from_numpy(s.mask.astype(np.float32) / 255.0)[None]
-                                                     for s in batch]),
-                                        table.lookup([s.prompt for s in batch]), e.steps, e.guidance, gens,
-                                        true_cfg=e.true_cfg, neg_embeds=neg)
+            imgs = rollout.full_rollout(pipe, torch.stack([_to_tensor(src) for src, _ in conds]),
+                                        torch.stack([torch.from_numpy(m.astype(np.float32) / 255.0)[None]
+                                                     for _, m in conds]),
+                                        table.lookup(prompts), st["steps"], st["guidance"], gens,
+                                        true_cfg=st["true_cfg"], neg_embeds=neg)
             for s, x in zip(batch, imgs):
-                rel = f"images/{pol.label}/{s.id}.png"
-                arr = _to_uint8(x)
-                save_png(out / rel, arr)
-                append_jsonl(out / "edits.jsonl", {"policy": pol.label, "spec": pol.spec, "fingerprint": fp,
-                                                   "id": s.id, "task": s.task, "seed": e.seed + s.index,
-                                                   "params": params, "path": rel})
-                edits[s.id] = Image.fromarray(arr)
+                save_png(edit_path(out, pol, s), _to_uint8(x))
+                append_jsonl(out / "edits.jsonl", wants[s.id])  # after the PNG: a record means a whole edit
+                records[s.id] = wants[s.id]
+            del conds, imgs
             progress.advance(task, len(batch))
     finally:
         progress.remove_task(task)
         del pipe
         _free_memory()
-    return edits, len(todo)
+    return records, len(todo)
+
+
+@dataclass
+class DiskItem:
+    """An edit to score, read from disk on every access (the metrics' EvalItem, without the pixels)."""
+    id: str
+    task: str
+    prompt: str
+    dimensions: tuple[str, ...]
+    source_path: Path
+    mask_path: Path
+    image_path: Path
+    key: str = ""   # edit_key of the edit: scores are cached under it
+
+    @property
+    def source(self) -> Image.Image:
+        return open_image(self.source_path)
+
+    @property
+    def mask(self) -> np.ndarray:
+        return np.asarray(open_image(self.mask_path, mode="L"))
+
+    @property
+    def image(self) -> Image.Image:
+        return open_image(self.image_path)
+
+
+class ScoreCache:
+    """scores.jsonl: metric scores and reward-model judgements, appended as they are made. A value is
+    reused when its metric (name, checkpoint files, columns) and its edit (edit_key) are the same."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, object] = {}
+        if path.is_file():
+            for r in read_jsonl(path, tolerate_torn_tail=True):
+                self.rows[r["key"]] = r["value"]
+        self._fp: dict[str, str] = {}
+        self.reused = 0
+
+    def fingerprint(self, spec: str) -> str:
+        if spec not in self._fp:
+            self._fp[spec] = policy_fingerprint(spec) if spec else ""
+        return self._fp[spec]
+
+    def _get(self, key: str):
+        v = self.rows.get(key)
+        if v is not None:
+            self.reused += 1
+        return v
+
+    def _put(self, key: str, value):
+        append_jsonl(self.path, {"key": key, "value": value})
+        self.rows[key] = value
+
+    def _metric_key(self, metric, policy: str, item) -> str | None:
+        if not getattr(item, "key", ""):
+            return None
+        cols = ",".join(c.key for c in metric.columns)
+        return f"metric|{metric.name}|{self.fingerprint(metric.spec)}|{cols}|{policy}|{item.key}"
+
+    def lookup(self, metric, policy: str, item):
+        k = self._metric_key(metric, policy, item)
+        return None if k is None else self._get(k)
+
+    def store(self, metric, policy: str, item, row: dict):
+        k = self._metric_key(metric, policy, item)
+        if k is not None:
+            self._put(k, row)
+
+    def gsb_key(self, recipe, reward_spec: str, sid: str, p_key: str, q_key: str) -> str:
+        from .recipe import to_plain
+
+        # Everything that changes a judgement: the reward model's files, the query settings, the tasks.
+        how = hashlib.sha256(json.dumps([to_plain(recipe.reward), to_plain(recipe.tasks)], sort_keys=True)
+                             .encode()).hexdigest()[:12]
+        return f"gsb|{self.fingerprint(reward_spec)}|{how}|{sid}|{p_key}|{q_key}"
+
+
+class LazyPairs(SequenceABC):
+    """(id, task, user prompt, P edit, Q edit) per sample for gsb.reward_judgements, read a slice at a time."""
+
+    def __init__(self, samples: list[Sample], p_paths: list[Path], q_paths: list[Path]):
+        self.samples, self.p, self.q = samples, p_paths, q_paths
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        s = self.samples[i]
+        return s.id, s.task, s.user_prompt, _to_tensor(open_image(self.p[i])), _to_tensor(open_image(self.q[i]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,30 +540,46 @@ def plot_metrics(summary: dict, mrun: MetricRun, policies: list[Policy], tasks: 
 # ----------------------------------------------------------------------------------------------
 # GSB and human ratings
 # ----------------------------------------------------------------------------------------------
-def run_reward_gsb(recipe, reward_spec: str, policies: list[Policy], samples: list[Sample], edits, device, dtype,
-                   progress) -> tuple[dict, list[dict], str]:
-    """({comparison: tally}, judgement records, note). A reward model that fails to load is a note."""
+def run_reward_gsb(recipe, reward_spec: str, policies: list[Policy], samples: list[Sample], edits: dict, out: Path,
+                   device, dtype, progress, cache: ScoreCache) -> tuple[dict, list[dict], str]:
+    """({comparison: tally}, judgement records, note). Edits are read from disk a batch at a time and
+    judgements cached per sample; a reward model that fails to load is a note."""
     from .metrics import first_line
 
     if len(policies) < 2:
         return {}, [], "no --compare policy: Good-Same-Bad needs two policies"
     if not recipe.eval.gsb:
         return {}, [], "disabled (eval.gsb=false)"
-    try:
-        from .reward import RewardScorer
-
-        scorer = RewardScorer.load(reward_spec, recipe.reward, device=device, dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - metrics and the report must survive a bad reward model
-        return {}, [], f"reward model '{reward_spec}' failed to load: {first_line(e)}"
     p = policies[0]
-    results, records = {}, []
+    keys = {(q.label, s.id): cache.gsb_key(recipe, reward_spec, s.id, edit_key(edits[p.label][s.id]),
+                                           edit_key(edits[q.label][s.id]))
+            for q in policies[1:] for s in samples}
+    todo = {q.label: [s for s in samples if cache._get(keys[(q.label, s.id)]) is None] for q in policies[1:]}
     note = f"judged by {reward_spec} (P(yes) in both orders, query mode {recipe.reward.query_mode})"
+    scorer = None
+    if any(todo.values()):
+        try:
+            from .reward import RewardScorer
+
+            scorer = RewardScorer.load(reward_spec, recipe.reward, device=device, dtype=dtype)
+        except Exception as e:  # noqa: BLE001 - metrics and the report must survive a bad reward model
+            return {}, [], f"reward model '{reward_spec}' failed to load: {first_line(e)}"
+    results, records = {}, []
+    bar = progress.add_task("GSB (reward model)", total=sum(len(v) for v in todo.values()))
     try:
+        bs = recipe.eval.batch_size
         for q in policies[1:]:
-            pairs = [(s.id, s.task, s.user_prompt, _to_tensor(edits[p.label][s.id]), _to_tensor(edits[q.label][s.id]))
-                     for s in samples]
-            recs = G.reward_judgements(scorer, recipe.tasks, pairs, query_mode=recipe.reward.query_mode,
-                                       bold=recipe.reward.bold, batch_size=recipe.eval.batch_size, progress=progress)
+            mine = todo[q.label]
+            for i in range(0, len(mine), bs):
+                chunk = mine[i:i + bs]
+                pairs = LazyPairs(chunk, [out / edits[p.label][s.id]["path"] for s in chunk],
+                                  [out / edits[q.label][s.id]["path"] for s in chunk])
+                recs = G.reward_judgements(scorer, recipe.tasks, pairs, query_mode=recipe.reward.query_mode,
+                                           bold=recipe.reward.bold, batch_size=bs)
+                for s in chunk:
+                    cache._put(keys[(q.label, s.id)], [r for r in recs if r["id"] == s.id])
+                progress.advance(bar, len(chunk))
+            recs = [r for s in samples for r in cache.rows[keys[(q.label, s.id)]]]
             comp = f"{p.label} vs {q.label} (reward)"
             results[comp] = G.tally(recs)
             records += [{"comparison": comp, **r} for r in recs]
@@ -397,6 +587,7 @@ def run_reward_gsb(recipe, reward_spec: str, policies: list[Policy], samples: li
         note = f"reward-model judging failed: {first_line(e)}"
         results, records = {}, []
     finally:
+        progress.remove_task(bar)
         del scorer
         _free_memory()
     return results, records, note
@@ -430,18 +621,22 @@ def _progress() -> Progress:
                     console=console, transient=True)
 
 
-def run(r, *, policy: str, benchmark, out, compare=(), reward_model: str | None = None, human=None):
+def run(r, *, policy: str | None = None, benchmark, out, compare=None, reward_model: str | None = None, human=None):
     out = Path(out)
     benchmark = Path(benchmark)
-    policies = make_policies([policy] + list(compare or []))
+    if not policy and not r.eval.policy:
+        raise InputError("name the policy to evaluate (or set eval.policy in the recipe)", field="--policy")
+    # The command line replaces the recipe's eval.policy / eval.compare, each on its own.
+    specs = [policy or r.eval.policy] + list(compare or r.eval.compare)
+    policies = make_policies(specs)
     reward_spec = reward_model or r.models.reward
-    for p in policies:
-        _check_model_spec(p.spec, "--policy" if p is policies[0] else "--compare")
+    describe_policies(r, policies)
     if len(policies) > 1 and r.eval.gsb:
         _check_model_spec(reward_spec, "--reward-model")
     warnings: list[str] = []
     samples = load_benchmark(benchmark, r, warn=lambda m: (warnings.append(m),
-                                                            console.print(f"[yellow]{escape(m)}[/]", soft_wrap=True)))
+                                                            console.print(f"[yellow]{escape(m)}[/]", soft_wrap=True)),
+                             resolutions=[p.settings["resolution"] for p in policies])
     ratings = None
     if human is not None:
         ratings = H.attach_tasks(H.read_ratings(human), {s.id: s.task for s in samples}, human)
@@ -451,13 +646,16 @@ def run(r, *, policy: str, benchmark, out, compare=(), reward_model: str | None 
     if human is not None:
         inputs["human"] = human
     man = RunManifest("eval", out, r, inputs=inputs, seed=r.eval.seed)
-    man.set(policies=[{"label": p.label, "spec": p.spec} for p in policies], device=device,
+    man.set(policies=[_policy_json(p) for p in policies], device=device,
             reward_model=reward_spec if len(policies) > 1 else None)
     out.mkdir(parents=True, exist_ok=True)
-    _save_inputs(out, samples)
+    resolutions = sorted({p.settings["resolution"] for p in policies})
+    _save_inputs(out, samples, resolutions)
+    print_tables([policies_table(policies)], console)
 
     existing = _existing_edits(out)
-    edits: dict[str, dict[str, Image.Image]] = {}
+    edits: dict[str, dict[str, dict]] = {}
+    cache = ScoreCache(out / "scores.jsonl")
     generated = 0
     task_dims = {t: tuple(c.dimensions) for t, c in r.tasks.items()}
     with _progress() as prog:
@@ -465,15 +663,18 @@ def run(r, *, policy: str, benchmark, out, compare=(), reward_model: str | None 
             for p in policies:
                 edits[p.label], n = generate_edits(r, p, samples, out, device, dtype, prog, existing)
                 generated += n
-        items = {p.label: [EvalItem(s.id, s.task, s.prompt, s.source, s.mask, edits[p.label][s.id],
-                                    task_dims[s.task]) for s in samples] for p in policies}
+        items = {p.label: [DiskItem(s.id, s.task, p.prompt(r, s), task_dims[s.task],
+                                    inputs_dir(out, p.settings["resolution"]) / f"{s.id}_source.png",
+                                    inputs_dir(out, p.settings["resolution"]) / f"{s.id}_mask.png",
+                                    out / edits[p.label][s.id]["path"], edit_key(edits[p.label][s.id]))
+                           for s in samples] for p in policies}
         with man.timed("metrics"):
             mrun = run_metrics(r.eval.metrics, items, device=device, dtype=dtype, batch_size=r.eval.batch_size,
-                               dimensions_by_task=task_dims, progress=prog,
+                               dimensions_by_task=task_dims, progress=prog, cache=cache,
                                log=lambda m: console.print(m, highlight=False, soft_wrap=True))
         with man.timed("gsb"):
-            gsb_results, gsb_records, gsb_note = run_reward_gsb(r, reward_spec, policies, samples, edits, device,
-                                                                dtype, prog)
+            gsb_results, gsb_records, gsb_note = run_reward_gsb(r, reward_spec, policies, samples, edits, out, device,
+                                                                dtype, prog, cache)
     agg, human_gsb, human_records = (None, {}, [])
     if ratings is not None:
         agg, human_gsb, human_records = human_results(ratings, policies)
@@ -493,9 +694,10 @@ def run(r, *, policy: str, benchmark, out, compare=(), reward_model: str | None 
     print_tables(tables, console)
     man.count(samples=len(samples), policies=len(policies), edits_generated=generated,
               edits_reused=len(samples) * len(policies) - generated, gsb_judgements=len(gsb_records),
-              human_ratings=len(ratings or []))
+              human_ratings=len(ratings or []), scores_reused=cache.reused)
     man.set(metrics={k: {"status": s.status, "note": s.note, "spec": s.spec} for k, s in mrun.status.items()},
-            gsb_note=gsb_note, outputs=["metrics.json", "report.md", "report.html", "edits.jsonl", "images/"])
+            gsb_note=gsb_note, outputs=["metrics.json", "report.md", "report.html", "edits.jsonl", "scores.jsonl",
+                                        "images/"])
     man.write()
     errors = [s for s in mrun.status.values() if s.status == "error"]
     for s in errors:
@@ -504,27 +706,64 @@ def run(r, *, policy: str, benchmark, out, compare=(), reward_model: str | None 
     return out / "metrics.json"
 
 
-def _save_inputs(out: Path, samples: list[Sample]):
-    for s in samples:
-        src, msk = out / "images" / "_inputs" / f"{s.id}_source.png", out / "images" / "_inputs" / f"{s.id}_mask.png"
-        if not src.is_file():
-            save_png(src, s.source)
-        if not msk.is_file():
-            save_png(msk, Image.fromarray(s.mask))
+def _check_model_spec(spec: str, field: str):
+    """Fail before any generation when a local model path plainly does not exist (the reward model: a
+    hub id is "owner/name", anything with more slashes is a path)."""
+    if spec.startswith(("zoo:", "zoo-random:")):
+        return
+    looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if looks_local and not Path(spec).expanduser().exists():
+        raise InputError("model folder not found", path=spec, field=field)
+
+
+def _policy_json(p: Policy) -> dict:
+    return {"label": p.label, "spec": p.spec, "settings": p.settings, "settings_source": p.sources,
+            "own_settings_from": p.settings_from or None, "prompts": p.prompts}
+
+
+def _save_inputs(out: Path, samples: list[Sample], resolutions: list[int]):
+    for res in resolutions:
+        d = inputs_dir(out, res)
+        for s in samples:
+            src, msk = d / f"{s.id}_source.png", d / f"{s.id}_mask.png"
+            if not (src.is_file() and msk.is_file()):
+                image, mask = s.condition(res)
+                save_png(src, image)
+                save_png(msk, Image.fromarray(mask))
+
+
+def _fmt_setting(k: str, v) -> str:
+    if k == "negative_prompt":
+        return f"“{v}”" if v else "–"
+    if k == "resolution":
+        return f"{v}²"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def policies_table(policies: list[Policy]) -> Table:
+    """Which inference settings each policy ran with, and where they came from."""
+    rows = [[p.label, p.spec, "P" if i == 0 else "compared (Q)"]
+            + [_fmt_setting(k, p.settings[k]) for k in SETTING_LABELS] + [p.settings_note()]
+            for i, p in enumerate(policies)]
+    return Table("Policies and the inference settings each ran with", ["Label", "Spec", "Role"]
+                 + list(SETTING_LABELS.values()) + ["Settings from"], rows,
+                 caption="own = the policy's onereward_policy.json or the OneReward release's settings; recipe "
+                         "eval.* = the recipe's values for policies without settings of their own; eval.override = "
+                         "forced by the recipe. The negative prompt is used only with true CFG > 1.")
 
 
 def _sections(r, out, benchmark, samples, policies, mrun, summary, tasks, task_dims, gsb_results, gsb_note, agg,
               human, warnings):
     counts = {t: sum(1 for s in samples if s.task == t) for t in tasks}
     e = r.eval
+    own_prompts = [f"{p.label}: " + ", ".join(f"{task_title(t)} “{v}”" for t, v in p.prompts.items())
+                   for p in policies if p.prompts]
     setup = Section("Setup", text=(
         f"Benchmark `{benchmark}`: " + ", ".join(f"{counts[t]} {task_title(t)}" for t in tasks) + ". "
-        f"Every policy edits every sample with seed {e.seed} + sample index, {e.steps} steps, guidance {e.guidance:g}, "
-        f"true CFG {e.true_cfg:g}" + (f" (negative prompt \"{e.negative_prompt}\")" if e.true_cfg > 1 else "")
-        + f", about {e.resolution}² pixels."),
-        tables=[Table("Policies", ["Label", "Spec", "Role"],
-                      [[p.label, p.spec, "P" if i == 0 else "compared (Q)"] for i, p in enumerate(policies)])],
-        notes=warnings)
+        f"Every policy edits every sample with seed {e.seed} + sample index and its own inference settings "
+        "(table below); prompt-free tasks use each policy's own fixed prompts where it has them."),
+        tables=[policies_table(policies)],
+        notes=warnings + ([f"fixed prompts of {x}" for x in own_prompts] if own_prompts else []))
     t2 = table2(summary, mrun, policies, tasks)
     ot = oracle_table(summary, mrun, policies, tasks, task_dims)
     st = status_table(mrun)
@@ -569,8 +808,9 @@ def _sections(r, out, benchmark, samples, policies, mrun, summary, tasks, task_d
         rows = []
         for s in [s for s in samples if s.task == t][:max(0, e.grid_samples)]:
             label = s.id + (f" — “{s.user_prompt}”" if s.user_prompt else "")
-            rows.append((label, [out / "images" / "_inputs" / f"{s.id}_source.png",
-                                 out / "images" / "_inputs" / f"{s.id}_mask.png"]
+            d = inputs_dir(out, e.resolution if any(p.settings["resolution"] == e.resolution for p in policies)
+                           else policies[0].settings["resolution"])
+            rows.append((label, [d / f"{s.id}_source.png", d / f"{s.id}_mask.png"]
                          + [out / "images" / p.label / f"{s.id}.png" for p in policies]))
         if rows:
             grids.append(Grid(task_title(t), ["source", "mask"] + [p.label for p in policies], rows,
@@ -591,8 +831,10 @@ def _metrics_json(benchmark, samples, policies, mrun, summary, gsb_results, gsb_
         "benchmark": str(benchmark),
         "n_samples": len(samples),
         "tasks": {t: sum(1 for s in samples if s.task == t) for t in _task_order(samples)},
-        "policies": [{"label": p.label, "spec": p.spec} for p in policies],
-        "generation": gen_params(r) | {"seed": r.eval.seed, "seed_rule": "eval.seed + sample index"},
+        "policies": [_policy_json(p) for p in policies],
+        "generation": {"seed": r.eval.seed, "seed_rule": "eval.seed + sample index",
+                       "max_sequence_length": r.eval.max_sequence_length,
+                       "per_policy": {p.label: p.settings for p in policies}},
         "metrics": {k: {"label": s.label, "status": s.status, "note": s.note, "spec": s.spec, "tasks": list(s.tasks),
                         "seconds": round(s.seconds, 3)} for k, s in mrun.status.items()},
         "columns": [{"key": c.key, "label": c.label, "metric": c.metric} for c in mrun.columns],

@@ -3,9 +3,16 @@
 Input: a curated.jsonl, a synth manifest.jsonl (or the folder holding either), a folder of images, or
 a JSONL of triplets {id, source, mask?, prompt?, task?} with paths relative to the JSONL. A sample
 without a task draws one from the recipe task mix; a sample without a mask gets one from the mask
-builders in `tasks.py`. Every candidate draws its seed and inference parameters (steps, guidance,
-true CFG, shift mu, negative prompt) from the recipe ranges and records them, so any candidate can be
-regenerated alone with `rollout.full_rollout`.
+builders in `tasks.py`. Object removal needs an object: a box of the pool (synth pools, curated
+passthrough) or, for pools without boxes, a mask proposed by `models.segmenter` (SAM, chosen by area,
+predicted IoU and stability); a removal sample with no acceptable object is skipped and counted in
+run.json (`skipped_no_object`), never given a random rectangle; a user mask always wins.
+
+Every candidate draws its seed and inference parameters (steps, guidance, true CFG, shift mu, negative
+prompt) from the recipe ranges and records them, so any candidate can be regenerated alone with
+`rollout.full_rollout`. A policy that carries inference settings of its own
+(onereward_policy.json of an rl output, the OneReward release folders) uses them instead of the ranges,
+and its own fixed prompts, except where `generate.override` forces a range (`policy_recipe`).
 
 All randomness of a sample derives from (recipe seed, sample id), never from its position, so a re-run,
 a `--limit`, or a split across ranks plans the same sample the same way. Everything is validated
@@ -148,10 +155,16 @@ class Sample:
     user_prompt: str | None
     prompt: str
     candidates: list[dict] = field(default_factory=list)
+    needs_object: bool = False               # removal without a user mask or a usable box
+    object_mask: np.ndarray | None = None    # the segmenter's pick (uint8, generation size), undilated
 
     @property
     def id(self) -> str:
         return self.item.id
+
+
+class NoObject(Exception):
+    """A removal sample whose object mask must come from the segmenter (or that is skipped)."""
 
 
 def _rng(seed: int, sid: str, purpose: str) -> random.Random:
@@ -250,9 +263,14 @@ def build_condition(recipe, s: Sample, warn=None) -> tuple[Image.Image, np.ndarr
                 if 0 < (m > 0).mean() < 1:
                     mask = m
                     break
-        if mask is None:  # fill, or removal without known objects: a random region
-            strokes = mc.stroke_probability if s.task == "fill" else 0.0
-            mask = random_fill_mask(size, rng, mc.fill_min_frac, mc.fill_max_frac, strokes)
+        if mask is None and s.task == "removal":
+            # Never a random rectangle: it would rarely hold an object, and the reward model would learn
+            # "removal" from samples with nothing to remove.
+            if s.object_mask is None:
+                raise NoObject(it.id)
+            mask = removal_mask(size, user_mask=resize_mask(s.object_mask, size), dilate=mc.removal_dilate)
+        if mask is None:  # fill: a random region
+            mask = random_fill_mask(size, rng, mc.fill_min_frac, mc.fill_max_frac, mc.stroke_probability)
         src = src.resize(size, Image.BICUBIC)
     check_mask(mask, s.task, path=it.where, line=it.line)
     return src, mask
@@ -272,9 +290,56 @@ def plan(recipe, input_path, n_candidates: int, limit: int = 0, warn=None) -> li
             raise InputError(f"duplicate sample id '{it.id}'{first}", path=it.where, line=it.line, field="id")
         seen[it.id] = (it.where, it.line)
         s = plan_sample(recipe, it, n_candidates)
-        build_condition(recipe, s, warn)
+        try:
+            build_condition(recipe, s, warn)
+        except NoObject:
+            s.needs_object = True  # the source was read and checked; the mask comes later (segment_objects)
         samples.append(s)
     return samples
+
+
+# ----------------------------------------------------------------------------------------------
+# Object masks from the segmenter, for removal samples of pools without boxes
+# ----------------------------------------------------------------------------------------------
+SEGMENTS = "segments.jsonl"
+
+
+def _read_segments(out: Path) -> dict[str, dict]:
+    f = out / SEGMENTS
+    return {r["id"]: r for r in read_jsonl(f, tolerate_torn_tail=True)} if f.exists() else {}
+
+
+def segment_objects(recipe, samples: list[Sample], out: Path, device, dtype):
+    """Give each sample that needs an object the segmenter's pick, or leave it without one (skipped).
+    Picks are recorded in segments.jsonl (+ segments/<id>.png) as they are made, so a re-run or another
+    rank never segments a sample twice."""
+    from .models.segmenter import load_segmenter, propose_masks
+    from .tasks import choose_object_mask
+
+    mc = recipe.generate.masks
+    done = _read_segments(out)
+    todo = [s for s in samples if s.id not in done]
+    gen = load_segmenter(recipe.models.segmenter, device=device, dtype=dtype) if todo else None
+    for s in todo:
+        src = open_image(s.item.source, where=s.item.where, line=s.item.line, field="source")
+        size = fit_size(*src.size, recipe.generate.resolution)
+        found = propose_masks(gen, src.resize(size, Image.BICUBIC), mc)
+        # As with boxes: an object whose dilated mask would cover everything leaves no context to fill from.
+        props = [(m, sc) for m, sc in found
+                 if (removal_mask(size, user_mask=m, dilate=mc.removal_dilate) > 0).mean() < 1]
+        pick = choose_object_mask(props, _rng(recipe.seed, s.id, "segment"), mc.segment_min_area,
+                                  mc.segment_max_area)
+        rec = {"id": s.id, "proposals": len(found), "mask": None}
+        if pick is not None:
+            rec["mask"] = f"segments/{s.id}.png"
+            save_png(out / rec["mask"], Image.fromarray(pick))
+        append_jsonl(out / SEGMENTS, rec)
+        done[s.id] = rec
+    del gen
+    for s in samples:
+        rec = done[s.id]
+        if rec["mask"] is not None:
+            s.object_mask = np.asarray(open_image(out / rec["mask"], mode="L"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,6 +450,29 @@ def _device_dtype(recipe, state):
     return device, torch_dtype(recipe.dtype)
 
 
+def policy_recipe(recipe):
+    """The recipe with the policy's own inference settings and fixed prompts in place of the generate
+    ranges and the tasks' prompts (a fixed value v becomes the range [v, v]), unless generate.override
+    forces a range. Returns (recipe, {key: "policy" | "recipe" | "override"})."""
+    import dataclasses
+
+    from .models.flux_fill import describe_policy, resolve_settings
+
+    info = describe_policy(recipe.models.policy)
+    g, own = recipe.generate, info.inference
+    pinned = {k: (own[k], own[k]) for k in ("steps", "guidance", "true_cfg") if k in own}
+    if "negative_prompt" in own:
+        pinned["negative_prompts"] = (own["negative_prompt"],)
+    if own.get("resolution"):
+        pinned["resolution"] = own["resolution"]
+    values, sources = resolve_settings(pinned, {k: getattr(g, k) for k in
+                                                ("steps", "guidance", "true_cfg", "negative_prompts", "resolution")},
+                                       dataclasses.asdict(g.override))
+    tasks = {k: dataclasses.replace(t, fixed_prompt=info.prompts.get(k, t.fixed_prompt))
+             if t.fixed_prompt is not None else t for k, t in recipe.tasks.items()}
+    return dataclasses.replace(recipe, generate=dataclasses.replace(g, **values), tasks=tasks), sources
+
+
 def run(recipe, input, out, candidates: int, limit: int = 0):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -395,6 +483,7 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     out = Path(out)
     if candidates < 2:
         raise InputError("need at least 2 candidates to pick a best and a worst", field="--candidates")
+    recipe, sources = policy_recipe(recipe)
     state = _dist_state(recipe)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     is_main = rank == 0
@@ -411,6 +500,11 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     # Split by position in the input, not among pending samples, so a rank's share never depends on
     # what the others have finished already.
     mine = [s for i, s in enumerate(samples) if i % world == rank and s.id not in done]
+    need = [s for s in mine if s.needs_object]
+    if need and recipe.models.segmenter:
+        with man.timed("segment"):
+            segment_objects(recipe, need, out, *_device_dtype(recipe, state))
+    mine = [s for s in mine if not s.needs_object or s.object_mask is not None]
     target = out / CANDIDATES if world == 1 else _part_path(out, rank)
     if is_main and done:
         console.print(f"generate: {len(samples) - len(pending)} of {len(samples)} samples already in "
@@ -419,7 +513,8 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     if mine:
         device, dtype = _device_dtype(recipe, state)
         with man.timed("load"):
-            pipe = load_fill_pipeline(recipe.models.policy, device=device, dtype=dtype)
+            pipe = load_fill_pipeline(recipe.models.policy, device=device, dtype=dtype,
+                                      default_base=recipe.models.fill_pipeline or None)
             pipe.set_progress_bar_config(disable=True)
         g = recipe.generate
         per_chunk = max(1, (4 * g.batch_size) // candidates)  # enough jobs to fill batches of equal steps
@@ -439,11 +534,25 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
         per_task: dict[str, int] = {}
         for r in final:
             per_task[r["task"]] = per_task.get(r["task"], 0) + 1
-        man.count(samples=len(samples), generated_samples=len(pending), skipped_samples=len(samples) - len(pending),
+        segs = _read_segments(out) if recipe.models.segmenter else {}
+        no_object = [s.id for s in pending if s.needs_object and (segs.get(s.id) or {}).get("mask") is None]
+        if no_object:
+            how = (f"{recipe.models.segmenter} found no object within the area/IoU/stability bounds "
+                   "(generate.masks.segment_*)" if recipe.models.segmenter else
+                   "no object boxes or mask, and no models.segmenter to find one")
+            console.print(f"[yellow]warning:[/] {len(no_object)} removal sample(s) skipped: {how}", highlight=False)
+        man.count(samples=len(samples), generated_samples=len(pending) - len(no_object),
+                  skipped_samples=len(samples) - len(pending), skipped_no_object=len(no_object),
+                  segmented_objects=sum(1 for s in pending if s.needs_object and s.id not in no_object
+                                        and s.id in segs),
                   candidates_per_sample=candidates, per_task=per_task, ranks=world)
-        man.set(output=str(out / CANDIDATES))
+        g = recipe.generate
+        man.set(output=str(out / CANDIDATES),
+                inference={"steps": g.steps, "guidance": g.guidance, "true_cfg": g.true_cfg,
+                           "negative_prompts": g.negative_prompts, "resolution": g.resolution, "from": sources})
         man.write()
-        console.print(f"generate: {len(pending)} new, {len(samples) - len(pending)} skipped -> {out / CANDIDATES}",
+        console.print(f"generate: {len(pending) - len(no_object)} new, {len(samples) - len(pending)} skipped"
+                      + (f", {len(no_object)} without an object" if no_object else "") + f" -> {out / CANDIDATES}",
                       highlight=False)
     return out / CANDIDATES
 

@@ -8,6 +8,10 @@ them gave the same pick (one pair, annotators joined with ","); "no difference" 
 
 The train/test split is by sample, stratified by task and seeded by the recipe seed, so no sample's
 images appear on both sides.
+
+An undo record ({"retract": true}) withdraws the annotator's earlier label of that sample. Labels from
+the page carry the order the candidates were shown in; the table then also reports position bias: how
+often each shown position was picked best and worst (with no bias, each 1/N of the picks).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ CANDIDATES = "candidates.jsonl"
 NO_DIFFERENCE = "no difference"
 
 ANNOTATION_SCHEMA = {"sample_id": ((str, int), True), "annotator": (str, True), "task": (str, True),
-                     "labels": (dict, True)}
+                     "labels": (dict, False), "order": (list, False), "retract": (bool, False)}
 CANDIDATES_SCHEMA = {"id": ((str, int), True), "task": (str, True), "source": (str, True), "mask": (str, True),
                      "candidates": (list, True)}
 
@@ -62,9 +66,12 @@ def _check_label(value, dim: str, n: int, where, line):
     return value["best"], value["worst"]
 
 
-def load_labels(recipe, ann_path: Path, samples: dict[str, dict]) -> dict:
-    """{(sample_id, dimension): {annotator: (best, worst) | None}}, validated; later records win."""
+def load_labels(recipe, ann_path: Path, samples: dict[str, dict], positions: list | None = None) -> dict:
+    """{(sample_id, dimension): {annotator: (best, worst) | None}}, validated; later records win and an
+    undo withdraws. `positions`, when given, receives (shown position of best, of worst, N) for every
+    standing pick whose record says in which order the candidates were shown."""
     latest: dict[tuple[str, str], dict] = {}
+    shown: dict[tuple[str, str], list[int]] = {}
     for rec in read_jsonl(ann_path, ANNOTATION_SCHEMA, tolerate_torn_tail=True):
         line, sid = rec["_line"], str(rec["sample_id"])
         if sid not in samples:
@@ -78,6 +85,18 @@ def load_labels(recipe, ann_path: Path, samples: dict[str, dict]) -> dict:
             raise InputError(f"task '{s['task']}' is not in the recipe", path=ann_path, line=line, field="task")
         dims = recipe.tasks[s["task"]].dimensions
         n = len(s["candidates"])
+        if rec.get("retract") is True:
+            latest.pop((sid, rec["annotator"]), None)
+            shown.pop((sid, rec["annotator"]), None)
+            continue
+        if not isinstance(rec.get("labels"), dict):
+            raise InputError("missing (a label record needs labels; an undo has \"retract\": true)", path=ann_path,
+                             line=line, field="labels")
+        order = rec.get("order")
+        if order is not None and not (all(isinstance(i, int) and not isinstance(i, bool) for i in order)
+                                      and sorted(order) == list(range(n))):
+            raise InputError(f"expected a permutation of 0..{n - 1} (the shown order), got {order!r}", path=ann_path,
+                             line=line, field="order")
         picks = {}
         for dim, value in rec["labels"].items():
             if dim not in dims:
@@ -85,6 +104,14 @@ def load_labels(recipe, ann_path: Path, samples: dict[str, dict]) -> dict:
                                  path=ann_path, line=line, field=f"labels.{dim}")
             picks[dim] = _check_label(value, dim, n, ann_path, line)
         latest[(sid, rec["annotator"])] = picks  # a newer record from the same annotator replaces the older
+        shown.pop((sid, rec["annotator"]), None)
+        if order is not None:
+            shown[(sid, rec["annotator"])] = order
+    if positions is not None:
+        for key, order in shown.items():
+            for pick in latest[key].values():
+                if pick is not None:
+                    positions.append((order.index(pick[0]), order.index(pick[1]), len(order)))
     out: dict[tuple[str, str], dict[str, tuple | None]] = {}
     for (sid, annotator), picks in latest.items():
         for dim, pick in picks.items():
@@ -134,7 +161,8 @@ def run(recipe, annotations, out, test_fraction: float):
         raise InputError(f"must be in [0, 1), got {test_fraction}", field="--test-fraction")
     ann_path, cand_path = resolve_inputs(annotations)
     samples = {str(r["id"]): r for r in read_jsonl(cand_path, CANDIDATES_SCHEMA, tolerate_torn_tail=True)}
-    labels = load_labels(recipe, ann_path, samples)
+    positions: list[tuple[int, int, int]] = []
+    labels = load_labels(recipe, ann_path, samples, positions)
     out = Path(out)
     pairs_dir = out / "pairs"
     man = RunManifest("export-pairs", out, recipe, inputs={"annotations": ann_path, "candidates": cand_path})
@@ -155,11 +183,46 @@ def run(recipe, annotations, out, test_fraction: float):
     for (task, dim), (a, b) in sorted(counts.items()):
         table.add_row(task, dim, str(a), str(b))
     table.add_row("[bold]total", "", f"[bold]{len(train)}", f"[bold]{len(test)}")
-    Console(stderr=True).print(table)
+    console = Console(stderr=True)
+    console.print(table)
+    bias = position_bias(positions)
+    if bias["picks"]:
+        console.print(position_table(bias))
+    else:
+        console.print("position bias: no label records the order its candidates were shown in (imports, the "
+                      "oracle); nothing to report", highlight=False)
 
     man.count(pairs_train=len(train), pairs_test=len(test), samples_labelled=len({s for s, _ in labels}),
               samples_train=len({p["sample_id"] for p in train}), samples_test=len(test_ids),
               per_task_dimension={f"{t}/{d}": {"train": a, "test": b} for (t, d), (a, b) in sorted(counts.items())})
-    man.set(agreement=recipe.pairs.agreement, test_fraction=test_fraction)
+    man.set(agreement=recipe.pairs.agreement, test_fraction=test_fraction, position_bias=bias)
     man.write()
     return pairs_dir
+
+
+def position_bias(positions: list[tuple[int, int, int]]) -> dict:
+    """How often each shown position was picked best and worst, from (best pos, worst pos, N) triples.
+    `expected` is each position's share under no bias: the mean over picks of 1/N where it was shown."""
+    n_max = max((n for *_, n in positions), default=0)
+    best, worst, expected = [0] * n_max, [0] * n_max, [0.0] * n_max
+    for b, w, n in positions:
+        best[b] += 1
+        worst[w] += 1
+        for k in range(n):
+            expected[k] += 1.0 / n
+    total = len(positions)
+    return {"picks": total, "best": best, "worst": worst,
+            "expected_share": [e / total for e in expected] if total else []}
+
+
+def position_table(bias: dict):
+    from rich.table import Table
+
+    t = Table(title=f"position bias ({bias['picks']} picks with a shown order)",
+              caption="shown position = where the page put the candidate (1 = first); no bias: share ~ expected")
+    for col in ("shown position", "best", "best %", "worst", "worst %", "expected %"):
+        t.add_column(col, justify="right")
+    n = bias["picks"]
+    for k, (b, w, e) in enumerate(zip(bias["best"], bias["worst"], bias["expected_share"])):
+        t.add_row(str(k + 1), str(b), f"{100 * b / n:.1f}", str(w), f"{100 * w / n:.1f}", f"{100 * e:.1f}")
+    return t

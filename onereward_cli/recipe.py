@@ -33,6 +33,12 @@ class ModelsConfig:
     # open_clip model name ("ViT-L-14") or "zoo:open-clip"; pretrained tag or weight file.
     clip: str = "zoo:open-clip"
     clip_pretrained: str = ""
+    # The FluxFillPipeline that a transformer-only or LoRA folder without a base of its own (the OneReward
+    # release folders) is loaded into; "" = models.policy.
+    fill_pipeline: str = ""
+    # Segmentation model (transformers SAM, e.g. "facebook/sam-vit-base") that proposes object masks for
+    # removal samples with neither a user mask nor object boxes; "" = such samples are skipped.
+    segmenter: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,23 @@ class MaskConfig:
     # Sides the canvas grows on, drawn uniformly per sample (left|right|up|down|horizontal|vertical|all).
     extend_directions: tuple[str, ...] = ("left", "right", "up", "down", "horizontal", "vertical", "all")
     removal_dilate: int = 4
+    # Removal masks proposed by models.segmenter (transformers' mask-generation pipeline): a proposal is
+    # kept when its predicted IoU and stability reach these bounds and it covers [min, max] of the image.
+    segment_min_area: float = 0.02
+    segment_max_area: float = 0.35
+    segment_min_iou: float = 0.88
+    segment_min_stability: float = 0.95
+    segment_points_per_side: int = 32  # a points_per_side x points_per_side prompt grid
+
+
+@dataclass(frozen=True)
+class GenerateOverride:
+    # Forced on every policy, even one that carries its own inference settings (null = not forced).
+    steps: tuple[int, int] | None = None
+    guidance: tuple[float, float] | None = None
+    true_cfg: tuple[float, float] | None = None
+    negative_prompts: tuple[str, ...] | None = None
+    resolution: int | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +121,9 @@ class GenerateConfig:
     negative_prompts: tuple[str, ...] = ("",)
     max_sequence_length: int = 32
     masks: MaskConfig = MaskConfig()
+    # The ranges above apply to a policy without settings of its own (a base pipeline); a policy that
+    # carries some (onereward_policy.json, the OneReward release) uses its own, unless forced here.
+    override: GenerateOverride = GenerateOverride()
 
 
 @dataclass(frozen=True)
@@ -198,8 +224,23 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class EvalOverride:
+    # Forced on every policy, even one that carries its own inference settings (null = not forced).
+    steps: int | None = None
+    guidance: float | None = None
+    true_cfg: float | None = None
+    negative_prompt: str | None = None
+    resolution: int | None = None
+
+
+@dataclass(frozen=True)
 class EvalConfig:
+    # Policies when the command line names none: P, and the ones compared with it.
+    policy: str = ""
+    compare: tuple[str, ...] = ()
     seed: int = 1234
+    # Inference settings of a policy without settings of its own (a base pipeline such as FLUX.1-Fill-dev);
+    # rl outputs and the OneReward release carry theirs and use them unless eval.override forces a value.
     steps: int = 4
     guidance: float = 30.0
     true_cfg: float = 1.0
@@ -211,6 +252,7 @@ class EvalConfig:
     # Rows per task in the report's image grid (source, mask, one column per policy).
     grid_samples: int = 4
     metrics: MetricsConfig = MetricsConfig()
+    override: EvalOverride = EvalOverride()
 
 
 @dataclass(frozen=True)
@@ -434,6 +476,20 @@ def validate(r: Recipe) -> Recipe:
     _check(1 < m.extend_min_ratio <= m.extend_max_ratio, "generate.masks.extend_min_ratio",
            "need 1 < extend_min_ratio <= extend_max_ratio")
     _check(m.removal_dilate >= 0, "generate.masks.removal_dilate", "must be >= 0")
+    _check(0 <= m.segment_min_area < m.segment_max_area <= 1, "generate.masks.segment_min_area",
+           "need 0 <= segment_min_area < segment_max_area <= 1")
+    _check(0 <= m.segment_min_iou <= 1, "generate.masks.segment_min_iou", "must be in [0, 1]")
+    _check(0 <= m.segment_min_stability <= 1, "generate.masks.segment_min_stability", "must be in [0, 1]")
+    _check(m.segment_points_per_side >= 1, "generate.masks.segment_points_per_side", "must be >= 1")
+    o = g.override
+    for name in ("steps", "guidance", "true_cfg"):
+        rng = getattr(o, name)
+        if rng is not None:
+            _check(0 < rng[0] <= rng[1], f"generate.override.{name}", "need 0 < lower bound <= upper bound")
+    _check(o.negative_prompts is None or len(o.negative_prompts) > 0, "generate.override.negative_prompts",
+           "give at least one (may be \"\"), or null")
+    _check(o.resolution is None or (o.resolution > 0 and o.resolution % 16 == 0), "generate.override.resolution",
+           "must be a positive multiple of 16, or null")
     from .tasks import EXTEND_DIRECTIONS
     _check(len(m.extend_directions) > 0 and all(d in EXTEND_DIRECTIONS for d in m.extend_directions),
            "generate.masks.extend_directions", f"each must be one of {', '.join(EXTEND_DIRECTIONS)}")
@@ -485,6 +541,12 @@ def validate(r: Recipe) -> Recipe:
     _check(e.max_sequence_length > 0, "eval.max_sequence_length", "must be positive")
     _check(e.grid_samples >= 0, "eval.grid_samples", "must be >= 0")
     _check(e.metrics.hpsv3_pixels >= 28 * 28, "eval.metrics.hpsv3_pixels", "must be at least 784 (28 x 28)")
+    o = e.override
+    _check(o.steps is None or o.steps >= 1, "eval.override.steps", "must be >= 1, or null")
+    _check(o.guidance is None or o.guidance >= 0, "eval.override.guidance", "must be >= 0, or null")
+    _check(o.true_cfg is None or o.true_cfg >= 1.0, "eval.override.true_cfg", "must be >= 1, or null")
+    _check(o.resolution is None or (o.resolution > 0 and o.resolution % 16 == 0), "eval.override.resolution",
+           "must be a positive multiple of 16, or null")
     _check(r.replicate.seeds >= 1, "replicate.seeds", "must be >= 1")
     _check(r.replicate.benchmark_per_task >= 1, "replicate.benchmark_per_task", "must be >= 1")
     return r

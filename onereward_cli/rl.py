@@ -226,7 +226,17 @@ class Policy:
 # ----------------------------------------------------------------------------------------------
 # Saving outputs FluxFillPipeline can load directly
 # ----------------------------------------------------------------------------------------------
-def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool):
+def policy_settings(recipe) -> dict:
+    """The inference settings the policy was trained with, for onereward_policy.json (eval/generate
+    default to them)."""
+    from .models.flux_fill import inference_record
+
+    q = recipe.rl
+    return inference_record(q.rollout_steps, q.guidance, q.true_cfg, q.negative_prompt, q.resolution,
+                            {k: t.fixed_prompt for k, t in recipe.tasks.items() if t.fixed_prompt is not None})
+
+
+def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool, extra: dict | None = None):
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -237,7 +247,7 @@ def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool)
                                    safe_serialization=True)
     else:
         transformer.save_pretrained(tmp, safe_serialization=True)
-    write_json(tmp / "onereward_policy.json", {"base": base, "kind": "lora" if lora else "transformer"})
+    write_json(tmp / "onereward_policy.json", {"base": base, "kind": "lora" if lora else "transformer", **(extra or {})})
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 
@@ -600,9 +610,11 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
         from diffusers import FluxFillPipeline
 
         tr = trainer.policy.transformer
-        save_policy_dir(FluxFillPipeline, tr, out / "policy", recipe.models.policy, trainer.policy.lora)
+        save_policy_dir(FluxFillPipeline, tr, out / "policy", recipe.models.policy, trainer.policy.lora,
+                        policy_settings(recipe))
         with trainer.policy.swapped_in_ema():
-            save_policy_dir(FluxFillPipeline, tr, out / "ema", recipe.models.policy, trainer.policy.lora)
+            save_policy_dir(FluxFillPipeline, tr, out / "ema", recipe.models.policy, trainer.policy.lora,
+                            policy_settings(recipe))
         png = plot_reward_curves(log_path, out / "reward_curves.png") if log_path.exists() else None
         if tb is not None:
             tb.close()

@@ -194,6 +194,16 @@ def removal_mask(size: tuple[int, int], boxes=(), user_mask: np.ndarray | None =
     return np.asarray(img, dtype=np.uint8).copy()
 
 
+def choose_object_mask(proposals, rng: random.Random, min_area: float, max_area: float) -> np.ndarray | None:
+    """One segmentation proposal to remove: among (bool mask, score) proposals covering [min_area,
+    max_area] of the image, one drawn at random (seeded, so a sample always gets the same one), as a
+    uint8 mask; None when no proposal is acceptable (the sample has no object to remove)."""
+    ok = [m for m, _ in proposals if min_area <= float(np.mean(m)) <= max_area]
+    if not ok:
+        return None
+    return np.where(ok[rng.randrange(len(ok))], 255, 0).astype(np.uint8)
+
+
 def check_mask(mask: np.ndarray, task: str, *, path=None, line=None):
     """Empty masks are useless for every task; a full mask leaves nothing to remove around."""
     cover = float((mask > 0).mean())

@@ -38,10 +38,10 @@ def _png(root: Path, rel: str, arr: np.ndarray) -> str:
     return rel
 
 
-def make_candidates(root: Path, size: int = 32) -> Path:
-    """Three samples with 3 candidates each, in the brief's candidates.jsonl format.
+def make_candidates(root: Path, size: int = 32, n_fill: int = 3) -> Path:
+    """Three samples with 3 candidates each (s0: `n_fill`), in the brief's candidates.jsonl format.
 
-    s0 (fill, "a red square"): the masked square painted red (0), blue (1), green (2).
+    s0 (fill, "a red square"): the masked square painted red (0), blue (1), green (2), then grey shades.
     s1 (removal): a blue square on grey; 0 removes it cleanly, 1 leaves it, 2 fills the hole with noise.
     s2 (extend_no_prompt): three identical candidates, so every dimension is "no difference".
     """
@@ -64,7 +64,8 @@ def make_candidates(root: Path, size: int = 32) -> Path:
     ext_mask[:, 3 * size // 4:] = 255
     specs = [
         ("s0", "fill", "a red square", gray, mask,
-         [painted(gray, (220, 40, 40)), painted(gray, BLUE), painted(gray, (40, 180, 70))]),
+         [painted(gray, (220, 40, 40)), painted(gray, BLUE), painted(gray, (40, 180, 70))]
+         + [painted(gray, (20 * k, 20 * k, 20 * k)) for k in range(n_fill - 3)]),
         ("s1", "removal", None, with_object, mask, [gray, with_object, noisy]),
         ("s2", "extend_no_prompt", None, gray, ext_mask, [gray, gray, gray]),
     ]
@@ -363,9 +364,11 @@ def test_state_and_files(server, cdir):
     assert [d["name"] for d in s["dimensions"]] == ["text alignment", "consistency", "structure", "aesthetics"]
     assert all(d["definition"] for d in s["dimensions"])
     assert "params" not in s["candidates"][0] and "seed" not in s["candidates"][0]  # blind judging
+    # Candidates come in this annotator's shuffled order; position 1 shows candidate order[1].
+    assert s["order"] == annotate.shown_order(0, "alice", "s0", 3) and sorted(s["order"]) == [0, 1, 2]
     status, h, png = _req(srv, "GET", s["candidates"][1]["url"])
     assert status == 200 and h["Content-Type"] == "image/png"
-    assert png == (cdir / "images/s0/cand_1.png").read_bytes()
+    assert png == (cdir / f"images/s0/cand_{s['order'][1]}.png").read_bytes()
     assert _req(srv, "GET", s["mask"])[0] == 200
 
 
@@ -452,6 +455,131 @@ def test_skip_moves_sample_to_the_end(server):
     assert _state(srv)["sample"]["id"] == "s0"  # skipped ones come back, oldest skip first
     assert _req(srv, "POST", "/api/skip", {"sample_id": "nope"})[0] == 400
     assert [r["sample_id"] for r in _records(target)] == ["s2"]  # skips are not recorded
+
+
+def test_shown_order_is_seeded_per_annotator_and_sample():
+    """Guards: the order is a permutation, stable across restarts (same seed), and not the same for
+    every annotator or every sample (so a position on screen is not tied to a candidate index)."""
+    a = [annotate.shown_order(0, "alice", f"s{i}", 4) for i in range(8)]
+    assert a == [annotate.shown_order(0, "alice", f"s{i}", 4) for i in range(8)]
+    assert all(sorted(o) == [0, 1, 2, 3] for o in a) and len({tuple(o) for o in a}) > 1
+    assert a != [annotate.shown_order(0, "bob", f"s{i}", 4) for i in range(8)]
+    assert a != [annotate.shown_order(1, "alice", f"s{i}", 4) for i in range(8)]
+
+
+def test_page_picks_by_position_are_mapped_back_to_candidates(server):
+    """Guards the mapping: the page sends shown positions with the order it showed; the record holds
+    candidate indices (order[position]) and the order; another order is refused (stale page)."""
+    srv, target = server
+    s = _state(srv)["sample"]
+    order = s["order"]
+    shown = {"text alignment": {"best": 0, "worst": 2}, "consistency": ND, "structure": {"best": 1, "worst": 0},
+             "aesthetics": ND}
+    wrong = [order[1], order[0], order[2]]
+    status, _, data = _req(srv, "POST", "/api/submit", {"sample_id": "s0", "order": wrong, "shown": shown})
+    assert status == 409 and "reload" in json.loads(data)["error"]
+    status, _, data = _req(srv, "POST", "/api/submit", {"sample_id": "s0", "order": order, "shown": shown,
+                                                        "labels": GOOD["s0"]})
+    assert status == 400 and "either labels" in json.loads(data)["error"]
+    assert _req(srv, "POST", "/api/submit", {"sample_id": "s0", "order": order, "shown": shown})[0] == 200
+    rec = _records(target)[0]
+    assert rec["order"] == order
+    assert rec["labels"] == {"text alignment": {"best": order[0], "worst": order[2]}, "consistency": ND,
+                             "structure": {"best": order[1], "worst": order[0]}, "aesthetics": ND}
+
+
+def test_more_than_nine_candidates(recipe, tmp_path):
+    cdir = make_candidates(tmp_path / "many", n_fill=12)
+    srv = annotate.make_server(recipe, cdir, cdir / "annotations.jsonl", annotator="alice", port=0)
+    try:
+        s = srv.state.state()["sample"]
+        assert len(s["candidates"]) == 12 and sorted(s["order"]) == list(range(12))
+        shown = {d: {"best": 11, "worst": 9} for d in recipe.tasks["fill"].dimensions}
+        rec = srv.state.submit({"sample_id": "s0", "order": s["order"], "shown": shown})
+        assert rec["labels"]["structure"] == {"best": s["order"][11], "worst": s["order"][9]}
+    finally:
+        srv.server_close()
+
+
+def test_undo_appends_a_retraction_and_shows_the_sample_again(server, recipe, cdir, tmp_path):
+    """Guards: undo never rewrites the file (earlier bytes unchanged, one line appended), withdraws only
+    the last submitted sample, puts it back on screen, and export-pairs no longer uses the withdrawn label."""
+    from onereward_cli import pairs
+
+    srv, target = server
+    for sid in ("s0", "s1"):
+        assert _req(srv, "POST", "/api/submit", {"sample_id": sid, "labels": GOOD[sid]})[0] == 200
+    before = target.read_bytes()
+    assert _state(srv)["last"] == "s1"
+    status, _, data = _req(srv, "POST", "/api/undo", {"sample_id": "s0"})  # not the last one: refused
+    assert status == 409 and "'s1'" in json.loads(data)["error"]
+    assert _req(srv, "POST", "/api/undo", {"sample_id": "s1"})[0] == 200
+    after = target.read_bytes()
+    assert after.startswith(before) and after.count(b"\n") == before.count(b"\n") + 1
+    assert _records(target)[-1] | {"time": ""} == {"sample_id": "s1", "annotator": "alice", "task": "removal",
+                                                   "retract": True, "time": ""}
+    st = _state(srv)
+    assert st["sample"]["id"] == "s1" and st["progress"]["done"] == 1 and st["last"] == "s0"
+    pairs.run(recipe, target, tmp_path / "data", test_fraction=0.0)
+    assert {p["sample_id"] for p in _records(tmp_path / "data" / "pairs" / "train.jsonl")} == {"s0"}
+    relabel = {"removal quality": {"best": 2, "worst": 0}}
+    assert _req(srv, "POST", "/api/submit", {"sample_id": "s1", "labels": relabel})[0] == 200
+    pairs.run(recipe, target, tmp_path / "data2", test_fraction=0.0)
+    got = [p for p in _records(tmp_path / "data2" / "pairs" / "train.jsonl") if p["sample_id"] == "s1"]
+    assert [(Path(p["winner"]).name, Path(p["loser"]).name) for p in got] == [("cand_2.png", "cand_0.png")]
+
+
+def test_skips_are_remembered_across_restarts(recipe, cdir):
+    target = cdir / "annotations.jsonl"
+    srv = annotate.make_server(recipe, cdir, target, annotator="alice", port=0)
+    srv.state.skip({"sample_id": "s0"})
+    srv.state.skip({"sample_id": "s1"})
+    srv.server_close()
+    srv = annotate.make_server(recipe, cdir, target, annotator="alice", port=0)
+    try:
+        st = srv.state.state()
+        assert st["sample"]["id"] == "s2" and st["progress"]["skipped"] == 2
+        srv.state.submit({"sample_id": "s2", "labels": GOOD["s2"]})
+        assert srv.state.state()["sample"]["id"] == "s0"  # oldest skip first, as before the restart
+    finally:
+        srv.server_close()
+    bob = annotate.make_server(recipe, cdir, target, annotator="bob", port=0)
+    try:
+        assert bob.state.state()["sample"]["id"] == "s0"  # skips are per annotator
+    finally:
+        bob.server_close()
+
+
+def test_import_waits_for_the_page_and_loses_none_of_its_labels(server, recipe, cdir, tmp_path, monkeypatch):
+    """Guards the lock between an import (read, merge, rename) and the page's appends: a label submitted
+    while the import is between its read and its rename is kept, not overwritten."""
+    srv, target = server
+    assert _req(srv, "POST", "/api/submit", {"sample_id": "s0", "labels": GOOD["s0"]})[0] == 200
+    src = tmp_path / "bob.jsonl"
+    src.write_text(json.dumps({"sample_id": "s2", "annotator": "bob", "labels": GOOD["s2"]}) + "\n")
+    inside, release = threading.Event(), threading.Event()
+    real = annotate.write_jsonl
+
+    def slow_write(path, records):
+        inside.set()          # the import has read the file and is about to replace it
+        release.wait(5)
+        return real(path, records)
+
+    monkeypatch.setattr(annotate, "write_jsonl", slow_write)
+    t = threading.Thread(target=annotate.import_annotations, args=(recipe, cdir, src, target))
+    t.start()
+    assert inside.wait(10)
+    result = {}
+    page = threading.Thread(target=lambda: result.update(
+        r=_req(srv, "POST", "/api/submit", {"sample_id": "s1", "labels": GOOD["s1"]})))
+    page.start()
+    time.sleep(0.3)           # the page's submit now waits for the lock (or, unlocked, lands and is lost)
+    release.set()
+    t.join(10)
+    page.join(10)
+    assert result["r"][0] == 200
+    assert sorted((r["sample_id"], r["annotator"]) for r in _records(target)) == [
+        ("s0", "alice"), ("s1", "alice"), ("s2", "bob")]
 
 
 def test_corrupt_annotations_file_is_reported_not_fatal(server):

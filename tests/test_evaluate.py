@@ -59,7 +59,8 @@ def bench(synth_pool, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_policy(zoo, tmp_path_factory):
-    """An `rl`-style full-transformer policy folder: the zoo transformer with perturbed weights."""
+    """An `rl`-style full-transformer policy folder: the zoo transformer with perturbed weights, trained
+    (so it says) at 3 steps and guidance 12: eval runs it that way, the base at the recipe's 4 and 30."""
     from diffusers import FluxTransformer2DModel
 
     d = tmp_path_factory.mktemp("run") / "policy"
@@ -69,7 +70,8 @@ def trained_policy(zoo, tmp_path_factory):
         for p in tr.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     tr.save_pretrained(d)
-    (d / "onereward_policy.json").write_text(json.dumps({"base": "zoo:flux-fill", "kind": "transformer"}))
+    (d / "onereward_policy.json").write_text(json.dumps({"base": "zoo:flux-fill", "kind": "transformer",
+                                                         "inference": {"steps": 3, "guidance": 12.0}}))
     return d
 
 
@@ -106,6 +108,10 @@ def test_eval_cli_two_policies_end_to_end(zoo, bench, trained_policy, tmp_path, 
     for i in range(4):
         assert seeds[(p_label, f"s{i}")] == seeds[("zoo-flux-fill", f"s{i}")] == 1234 + i
         assert (out / "images" / p_label / f"s{i}.png").is_file()
+    # Each policy ran with its own settings: P with those in its onereward_policy.json, the base with eval.*.
+    params = {e["policy"]: e["params"] for e in edits}
+    assert (params[p_label]["steps"], params[p_label]["guidance"]) == (3, 12.0)
+    assert (params["zoo-flux-fill"]["steps"], params["zoo-flux-fill"]["guidance"]) == (4, 30.0)
     a = np.asarray(Image.open(out / "images" / p_label / "s0.png"))
     b = np.asarray(Image.open(out / "images" / "zoo-flux-fill" / "s0.png"))
     assert a.shape == b.shape and not np.array_equal(a, b)  # the perturbed policy edits differently
@@ -132,6 +138,8 @@ def test_eval_cli_two_policies_end_to_end(zoo, bench, trained_policy, tmp_path, 
     assert t3["removal"]["Photoshop"]["removal quality"]["value"] == 100.0
 
     md = (out / "report.md").read_text()
+    assert f"| {p_label} | {trained_policy} | P | 3 | 12 | 1 | – | 64² | own (onereward_policy.json); recipe eval.*: " \
+           "true_cfg, negative_prompt, resolution |" in md
     for heading in ("## Setup", "## Automatic metrics", "## Good-Same-Bad (Fig. 7)", "## Human evaluation (Table 3)",
                     "## Edits"):
         assert heading in md
@@ -149,9 +157,53 @@ def test_eval_cli_two_policies_end_to_end(zoo, bench, trained_policy, tmp_path, 
     assert _cli(argv[:-4] + ["--set", "eval.gsb=false"]) == 0
     run2 = json.loads((out / "run.json").read_text())
     assert run2["counts"]["edits_generated"] == 0 and run2["counts"]["edits_reused"] == 8
+    assert run2["counts"]["scores_reused"] > 0  # metric scores of unchanged edits come from scores.jsonl
     m2 = json.loads((out / "metrics.json").read_text())
     assert m2["summary"]["fill"][p_label]["oracle"] == m["summary"]["fill"][p_label]["oracle"]
     assert m2["gsb"]["note"] == "disabled (eval.gsb=false)" and set(m2["gsb"]["comparisons"]) == {human_comp}
+
+
+def _live_images() -> int:
+    import gc
+
+    return sum(1 for o in gc.get_objects() if isinstance(o, Image.Image))
+
+
+def test_eval_keeps_edits_on_disk_and_resumes_after_a_kill(zoo, bench, trained_policy, tmp_path, monkeypatch):
+    """Guards: a run killed mid-generation keeps the edits it wrote and the next run generates only the
+    rest, giving the same edits as an uninterrupted run; while metrics score, no more than a batch of
+    images is alive (edits are read from disk, not held for every sample x policy)."""
+    from onereward_cli import rollout, synth
+
+    real = rollout.full_rollout
+    calls = {"n": 0, "kill_at": 3}
+
+    def rollout_then_kill(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == calls["kill_at"]:
+            raise KeyboardInterrupt  # what Ctrl+C or a SIGINT'd job does mid-run
+        return real(*a, **k)
+
+    monkeypatch.setattr(rollout, "full_rollout", rollout_then_kill)
+    out = tmp_path / "eval"
+    argv = ["eval", "--policy", "zoo:flux-fill", "--compare", str(trained_policy), "--benchmark", str(bench),
+            "--out", str(out), "--set", "eval.batch_size=1", "--set", "eval.gsb=false"]
+    assert _cli(argv) == 130
+    assert len((out / "edits.jsonl").read_text().splitlines()) == 2
+
+    live = []
+    real_oracle = synth.oracle_scores
+    monkeypatch.setattr(synth, "oracle_scores", lambda *a, **k: (live.append(_live_images()), real_oracle(*a, **k))[1])
+    calls.update(n=0, kill_at=-1)
+    assert _cli(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert calls["n"] == 6 and run["counts"]["edits_generated"] == 6 and run["counts"]["edits_reused"] == 2
+    assert len(live) == 8 and max(live) <= 4, live  # 8 edits + 4 sources would be >= 12
+
+    fresh = tmp_path / "fresh"
+    assert _cli([*argv[:8], str(fresh), *argv[9:]]) == 0
+    for e in (out / "images").rglob("*.png"):
+        assert np.array_equal(np.asarray(Image.open(e)), np.asarray(Image.open(fresh / e.relative_to(out)))), e
 
 
 def _bad_bench(bench: Path, tmp_path: Path, mutate) -> Path:
@@ -212,7 +264,7 @@ def test_bad_policy_and_human_file_fail_before_generation(zoo, bench, tmp_path, 
 
 
 def test_generate_folder_benchmark(zoo, tiny_recipe, tmp_path):
-    from onereward_cli.evaluate import load_benchmark
+    from onereward_cli.evaluate import Policy, load_benchmark
 
     d = tmp_path / "gen"
     recs = []
@@ -227,11 +279,14 @@ def test_generate_folder_benchmark(zoo, tiny_recipe, tmp_path):
                      "height": 64, "candidates": []})
     (d / "candidates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     samples = load_benchmark(d, tiny_recipe)
-    assert [(s.id, s.task, s.user_prompt, s.prompt) for s in samples] == [
+    pol = Policy("base", "zoo:flux-fill")
+    assert [(s.id, s.task, s.user_prompt, pol.prompt(tiny_recipe, s)) for s in samples] == [
         ("a", "fill", "a red circle", "a red circle"), ("b", "removal", None, "remove")]
-    w, h = samples[0].source.size
-    assert w % 16 == 0 and h % 16 == 0 and w > h and samples[0].mask.shape == (h, w)
-    assert set(np.unique(samples[0].mask)) == {0, 255}
+    assert Policy("release", "x", prompts={"removal": "erase"}).prompt(tiny_recipe, samples[1]) == "erase"
+    src, mask = samples[0].condition(tiny_recipe.eval.resolution)
+    w, h = src.size
+    assert w % 16 == 0 and h % 16 == 0 and w > h and mask.shape == (h, w)
+    assert set(np.unique(mask)) == {0, 255}
     with pytest.raises(InputError, match="candidates.jsonl"):
         load_benchmark(tmp_path, tiny_recipe)
 

@@ -318,3 +318,137 @@ def test_ranks_split_samples_and_rank0_merges(synth_pool, tmp_path, monkeypatch,
     recs = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]
     assert [x["id"] for x in recs] == ids  # merged in input order
     assert not list(out.glob("candidates.part-*.jsonl")) and (out / "run.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A policy's own inference settings
+# ----------------------------------------------------------------------------------------------
+def test_policy_own_settings_replace_the_ranges_unless_overridden(synth_pool, zoo, tmp_path):
+    """Guards: a policy with settings of its own (here an rl-style folder) draws its candidates at those
+    values and with its fixed prompts, generate.override forces a range back, and run.json says which."""
+    import shutil
+
+    pol = tmp_path / "policy"
+    shutil.copytree(zoo / "flux-fill" / "transformer", pol)
+    (pol / "onereward_policy.json").write_text(json.dumps({
+        "base": "zoo:flux-fill", "kind": "transformer", "prompts": {"removal": "erase it"},
+        "inference": {"steps": 2, "guidance": 7.0, "true_cfg": 2.0, "negative_prompt": "blurry", "resolution": 32}}))
+    r, sources = G.policy_recipe(_recipe(f"models.policy={pol}"))
+    assert sources == {"steps": "policy", "guidance": "policy", "true_cfg": "policy", "negative_prompts": "policy",
+                       "resolution": "policy"}
+    samples = G.plan(r, synth_pool / "manifest.jsonl", 3)
+    params = [c["params"] for s in samples for c in s.candidates]
+    assert all((p["steps"], p["guidance"], p["true_cfg"], p["negative_prompt"]) == (2, 7.0, 2.0, "blurry")
+               for p in params)
+    assert {s.prompt for s in samples if s.task == "removal"} == {"erase it"}
+    assert G.build_condition(r, samples[0])[0].size == (32, 32)
+
+    r2, sources = G.policy_recipe(_recipe(f"models.policy={pol}", "generate.override.guidance=[1.0,30.0]"))
+    assert sources["guidance"] == "override" and sources["steps"] == "policy"
+    guid = [c["params"]["guidance"] for s in G.plan(r2, synth_pool / "manifest.jsonl", 3) for c in s.candidates]
+    assert len(set(guid)) > 1 and all(1.0 <= g <= 30.0 for g in guid)
+    # A base pipeline carries nothing: the recipe's ranges, as before.
+    assert set(G.policy_recipe(_recipe())[1].values()) == {"recipe"}
+
+    out = tmp_path / "cands"
+    G.run(_recipe(f"models.policy={pol}"), synth_pool / "manifest.jsonl", out, candidates=2, limit=1)
+    rec = json.loads((out / "candidates.jsonl").read_text())
+    assert {c["params"]["guidance"] for c in rec["candidates"]} == {7.0} and (rec["width"], rec["height"]) == (32, 32)
+    assert json.loads((out / "run.json").read_text())["inference"]["from"]["guidance"] == "policy"
+
+
+# ----------------------------------------------------------------------------------------------
+# Removal masks for pools without boxes
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_sam import build_tiny_sam
+
+    return build_tiny_sam(tmp_path_factory.mktemp("sam"))
+
+
+def _boxless_pool(synth_pool, d, n=3):
+    """Synth images as a plain folder: no manifest, so no object boxes."""
+    d.mkdir(parents=True)
+    for m in _manifest(synth_pool)[:n]:
+        Image.open(synth_pool / m["path"]).save(d / f"{m['id']}.png")
+    return d
+
+
+REMOVAL_ONLY = ["tasks.fill.probability=0", "tasks.extend.probability=0", "tasks.extend_no_prompt.probability=0",
+                "tasks.removal.probability=1"]
+# The random tiny SAM's proposals have no real quality: accept any IoU/stability, a small prompt grid.
+SAM_SETS = ["generate.masks.segment_min_iou=0", "generate.masks.segment_min_stability=0",
+            "generate.masks.segment_points_per_side=4"]
+
+
+def test_segmenter_proposes_removal_masks(synth_pool, zoo, tiny_sam, tmp_path, monkeypatch):
+    """Guards: without boxes, each removal mask is the segmenter's proposal chosen by the area bounds
+    (seeded), dilated as box masks are; picks are cached, so a re-run loads no segmenter."""
+    from onereward_cli.models.segmenter import load_segmenter, propose_masks
+    from onereward_cli.tasks import choose_object_mask, fit_size, removal_mask
+
+    pool = _boxless_pool(synth_pool, tmp_path / "imgs")
+    # The random SAM's proposals are stripes: a 1 px dilation keeps some context around them.
+    r = _recipe(*REMOVAL_ONLY, *SAM_SETS, f"models.segmenter={tiny_sam}", "generate.masks.segment_max_area=0.9",
+                "generate.masks.removal_dilate=1")
+    out = tmp_path / "cands"
+    G.run(r, pool, out, candidates=2)
+    recs = [json.loads(x) for x in (out / "candidates.jsonl").read_text().splitlines()]
+    assert len(recs) == 3 and {x["task"] for x in recs} == {"removal"}
+    gen, mc = load_segmenter(str(tiny_sam)), r.generate.masks
+    for rec in recs:
+        src = Image.open(pool / f"{rec['id']}.png").convert("RGB")
+        size = fit_size(*src.size, r.generate.resolution)
+        pick = choose_object_mask(propose_masks(gen, src.resize(size, Image.BICUBIC), mc),
+                                  G._rng(r.seed, rec["id"], "segment"), mc.segment_min_area, mc.segment_max_area)
+        assert pick is not None and mc.segment_min_area <= (pick > 0).mean() <= mc.segment_max_area
+        assert np.array_equal(np.asarray(Image.open(out / "segments" / f"{rec['id']}.png")), pick)
+        want = removal_mask(size, user_mask=pick, dilate=mc.removal_dilate)
+        assert np.array_equal(np.asarray(Image.open(out / rec["mask"])), want) and (want > pick).any()
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["segmented_objects"] == 3 and run["counts"]["skipped_no_object"] == 0
+
+    # Two more images: only they are segmented (the cached picks of the first three are reused).
+    for m in _manifest(synth_pool)[3:5]:
+        Image.open(synth_pool / m["path"]).save(pool / f"{m['id']}.png")
+    seen = []
+    real = propose_masks
+    monkeypatch.setattr("onereward_cli.models.segmenter.propose_masks",
+                        lambda g, im, mc: (seen.append(im.size), real(g, im, mc))[1])
+    G.run(r, pool, out, candidates=2)
+    assert len(seen) == 2 and len((out / "candidates.jsonl").read_text().splitlines()) == 5
+
+
+def test_removal_without_an_object_is_skipped_and_counted(synth_pool, zoo, tiny_sam, tmp_path, monkeypatch):
+    """Guards: no random rectangle for removal, with or without a segmenter; the skip is counted in
+    run.json and remembered (no second segmentation); a user mask wins and needs no segmenter."""
+    pool = _boxless_pool(synth_pool, tmp_path / "imgs")
+    out = tmp_path / "none"
+    G.run(_recipe(*REMOVAL_ONLY), pool, out, candidates=2)  # no segmenter configured
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["skipped_no_object"] == 3 and run["counts"]["generated_samples"] == 0
+    assert not (out / "candidates.jsonl").exists() or not (out / "candidates.jsonl").read_text().strip()
+
+    r = _recipe(*REMOVAL_ONLY, *SAM_SETS, f"models.segmenter={tiny_sam}", "generate.masks.segment_min_area=0.0",
+                "generate.masks.segment_max_area=0.0001")  # nothing is that small: no acceptable object
+    out = tmp_path / "tiny-bounds"
+    G.run(r, pool, out, candidates=2)
+    segs = [json.loads(x) for x in (out / "segments.jsonl").read_text().splitlines()]
+    assert len(segs) == 3 and all(s["mask"] is None and s["proposals"] >= 1 for s in segs)
+    monkeypatch.setattr("onereward_cli.models.segmenter.load_segmenter",
+                        lambda *a, **k: pytest.fail("picks are cached; no segmenter needed"))
+    G.run(r, pool, out, candidates=2)
+    assert json.loads((out / "run.json").read_text())["counts"]["skipped_no_object"] == 3
+
+    _mask(tmp_path / "m.png", (32, 32), (8, 8, 16, 16))
+    f = _triplets(tmp_path / "trip", [{"id": "u", "source": "src.png", "mask": "../m.png", "task": "removal"}])
+    G.run(_recipe(f"models.segmenter={tmp_path / 'no-such-sam'}"), f, tmp_path / "user", candidates=2)
+    rec = json.loads((tmp_path / "user" / "candidates.jsonl").read_text())
+    mask = np.asarray(Image.open(tmp_path / "user" / rec["mask"]))
+    d = load_recipe("tiny").generate.masks.removal_dilate
+    assert rec["id"] == "u" and (mask > 0).sum() == (2 * 8 + 2 * d) ** 2  # the user's box, x2 (32 -> 64 px), dilated

@@ -198,3 +198,31 @@ def test_cli_synth_generate_annotate_by_hand_export(tmp_path, zoo):
     with pytest.raises(SystemExit) as e:
         main(["export-pairs", str(tmp_path / "cands"), "--out", str(tmp_path / "bad")])
     assert e.value.code == 2 and not (tmp_path / "bad").exists()
+
+
+def test_position_bias_counts_shown_positions(tmp_path, capsys):
+    """Guards: picks are counted by the position the page showed them at (order.index(candidate)), not
+    by candidate index; undone labels and labels without a shown order are left out; bad orders are errors."""
+    cand = tmp_path / "cands"
+    _candidates(cand, n_samples=4)
+    # s3 (removal, 1 dimension) shown as [2, 0, 1]: best = candidate 2 (position 1), worst = 1 (position 3).
+    rows = [_ann("s3", "removal", {"removal quality": {"best": 2, "worst": 1}}) | {"order": [2, 0, 1]},
+            # s1 (extend, 4 dims) shown as [1, 2, 0]: best 0 -> position 3, worst 1 -> position 1.
+            _ann("s1", "extend", _full_labels("extend", 0, 1)) | {"order": [1, 2, 0]},
+            # an import (no order) and an undone page label: neither counts.
+            _ann("s0", "fill", _full_labels("fill", 0, 1), annotator="bob"),
+            _ann("s2", "extend_no_prompt", _full_labels("extend_no_prompt", 0, 1)) | {"order": [0, 1, 2]},
+            {"sample_id": "s2", "annotator": "alice", "task": "extend_no_prompt", "retract": True, "time": "t"}]
+    out = tmp_path / "data"
+    P.run(load_recipe("tiny"), _write(cand, rows), out, test_fraction=0.0)
+    bias = json.loads((out / "run.json").read_text())["position_bias"]
+    assert bias["picks"] == 5
+    assert bias["best"] == [1, 0, 4] and bias["worst"] == [4, 0, 1]
+    assert bias["expected_share"] == pytest.approx([1 / 3] * 3)
+    assert "position bias (5 picks with a shown order)" in capsys.readouterr().err
+    assert {p["sample_id"] for p in _read(out / "pairs" / "train.jsonl")} == {"s0", "s1", "s3"}  # s2 undone
+
+    rows[0]["order"] = [0, 0, 1]
+    with pytest.raises(InputError, match="permutation") as e:
+        P.run(load_recipe("tiny"), _write(cand, rows), tmp_path / "bad", test_fraction=0.0)
+    assert e.value.line == 1 and e.value.field == "order"

@@ -176,7 +176,13 @@ def test_full_finetune_saves_transformer(conditions, zoo, tmp_path):
     rl.run(recipe("rl.steps=1", "rl.lora=false", "rl.save_every=0"), conditions, out, dynamic=True)
     tr = FluxTransformer2DModel.from_pretrained(out / "policy")
     assert tr.config.in_channels == 48
-    assert json.loads((out / "ema" / "onereward_policy.json").read_text())["kind"] == "transformer"
+    meta = json.loads((out / "ema" / "onereward_policy.json").read_text())
+    assert meta["kind"] == "transformer"
+    # The settings it was trained with, which eval and generate default to for this policy.
+    q = recipe().rl
+    assert meta["inference"] == {"steps": q.rollout_steps, "guidance": q.guidance, "true_cfg": q.true_cfg,
+                                 "negative_prompt": q.negative_prompt, "resolution": q.resolution}
+    assert meta["prompts"] == {"extend_no_prompt": "high-definition, perfect composition", "removal": "remove"}
 
 
 def test_mean_reward_rises_with_fixed_reward_model(conditions, zoo, tmp_path):

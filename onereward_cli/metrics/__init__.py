@@ -204,9 +204,13 @@ class MetricRun:
 
 
 def run_metrics(mcfg, items_by_policy: dict[str, list[EvalItem]], *, device: str, dtype, batch_size: int,
-                dimensions_by_task: dict, progress=None, log=None) -> MetricRun:
+                dimensions_by_task: dict, progress=None, log=None, cache=None) -> MetricRun:
     """Load each enabled metric in turn, score every policy's items, free it. One metric's failure is
-    recorded in its status and does not stop the others."""
+    recorded in its status and does not stop the others.
+
+    Items need the EvalItem attributes only; they may read their images lazily (eval passes items that
+    read from disk, so only a batch is in memory). `cache` (optional) has lookup(metric, policy, item)
+    -> row | None and store(metric, policy, item, row): rows found there are not scored again."""
     import time
 
     run = MetricRun()
@@ -223,7 +227,7 @@ def run_metrics(mcfg, items_by_policy: dict[str, list[EvalItem]], *, device: str
             metric = load_metric(name, mcfg, device, dtype, dimensions_by_task)
             if mcfg.normalised:
                 metric = with_normalised(metric)
-            vals = _score_all(metric, items_by_policy, batch_size, progress)
+            vals = _score_all(metric, items_by_policy, batch_size, progress, cache)
         except Exception as e:  # noqa: BLE001 - a broken checkpoint must not take the other metrics down
             what = f"scoring failed: {first_line(e)}" if metric is not None else \
                 f"cannot load '{specs[name]}': {first_line(e)}"
@@ -250,9 +254,18 @@ def run_metrics(mcfg, items_by_policy: dict[str, list[EvalItem]], *, device: str
     return run
 
 
-def _score_all(metric: Metric, items_by_policy, batch_size: int, progress):
+def _score_all(metric: Metric, items_by_policy, batch_size: int, progress, cache=None):
     vals: dict[tuple[str, str], dict[str, float]] = {}
-    todo = [(p, it) for p, items in items_by_policy.items() for it in items if it.task in metric.tasks]
+    todo = []
+    for p, items in items_by_policy.items():
+        for it in items:
+            if it.task not in metric.tasks:
+                continue
+            hit = cache.lookup(metric, p, it) if cache is not None else None
+            if hit is not None:
+                vals[(p, it.id)] = hit
+            else:
+                todo.append((p, it))
     task_id = progress.add_task(f"metric {metric.name}", total=len(todo)) if progress is not None else None
     try:
         for i in range(0, len(todo), batch_size):
@@ -262,6 +275,8 @@ def _score_all(metric: Metric, items_by_policy, batch_size: int, progress):
                 raise RuntimeError(f"{metric.name} returned {len(rows)} scores for {len(chunk)} images")
             for (p, it), row in zip(chunk, rows):
                 vals[(p, it.id)] = {k: float(v) for k, v in row.items()}
+                if cache is not None:
+                    cache.store(metric, p, it, vals[(p, it.id)])
             if progress is not None:
                 progress.advance(task_id, len(chunk))
     finally:

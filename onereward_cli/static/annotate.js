@@ -1,5 +1,7 @@
 // The labelling page: shows one sample at a time, collects best / worst / "no difference" per
 // dimension, and posts it to /api/submit. The server validates and appends; this page only asks.
+// Candidates arrive in this annotator's shuffled order (sample.order); everything here works in shown
+// positions, which the server maps back to candidate indices. Undo withdraws the last submitted sample.
 "use strict";
 (() => {
   const NODIFF = "no difference";
@@ -13,8 +15,12 @@
   let imgs = null;            // {source, mask, cands: [Image]}
   let maskSegs = [];          // mask border as unit segments [x0, y0, x1, y1] in image pixels
   let maskTint = null;        // W x H canvas: translucent colour where the mask is set
-  let zoomAt = null;          // null = closed, -1 = source, i = candidate i
+  let zoomAt = null;          // null = closed, -1 = source, i = candidate at shown position i
   let messageTimer = null;
+  let lastSubmitted = null;   // id of the annotator's last submitted sample (what undo withdraws)
+  let digits = "";            // 10+ candidates: the digits typed so far ("1" may become 10, 11, ...)
+  let digitsKind = null;
+  let digitsTimer = null;
 
   // ------------------------------------------------------------------------------------------
   // Server
@@ -42,6 +48,8 @@
     if (!res.ok) { say(res.data.error, "error", 0); return; }
     const st = res.data;
     $("annotator").textContent = st.annotator;
+    lastSubmitted = st.last;
+    renderUndo();
     renderProgress(st.progress);
     if (!st.sample) { finish(st.annotator); return; }
     await showSample(st.sample);
@@ -161,11 +169,11 @@
     const box = $("candidates");
     box.textContent = "";
     const n = sample.candidates.length;
-    box.style.setProperty("--cols", n <= 5 ? n : Math.ceil(n / 2));
+    box.style.setProperty("--cols", n <= 5 ? n : Math.ceil(n / Math.ceil(n / 6)));  // rows of at most 6
     sample.candidates.forEach((c, i) => {
       const fig = document.createElement("figure");
       fig.className = "cand";
-      fig.dataset.index = i;
+      fig.dataset.position = i;
       const cv = document.createElement("canvas");
       cv.className = "zoomable";
       cv.title = `candidate ${i + 1} (click to zoom)`;
@@ -331,16 +339,17 @@
       say(`Still to choose: ${missing.join(", ")} (best and worst, or no difference).`, "error");
       return;
     }
-    const body = { sample_id: sample.id, labels: {} };
+    // Shown positions and the order they refer to; the server maps them to candidate indices.
+    const body = { sample_id: sample.id, order: sample.order, shown: {} };
     for (const d of names) {
       const v = labels[d];
-      body.labels[d] = v === NODIFF ? NODIFF : { best: v.best, worst: v.worst };
+      body.shown[d] = v === NODIFF ? NODIFF : { best: v.best, worst: v.worst };
     }
     busy = true; render();
     try {
       const res = await api("POST", "/api/submit", body);
       if (res.ok) {
-        say(`Saved ${sample.id}.`, "info");
+        say(`Saved ${sample.id} (u undoes it).`, "info");
         await loadState();
       } else if (res.status === 409) {
         say(res.data.error, "info");
@@ -371,6 +380,30 @@
       busy = false;
       if (sample) render();
     }
+  }
+
+  async function undo() {
+    if (busy || !lastSubmitted) return;
+    busy = true;
+    const id = lastSubmitted;
+    try {
+      const res = await api("POST", "/api/undo", { sample_id: id });
+      if (!res.ok) { say(res.data.error, "error", 0); await loadState(); return; }
+      await loadState();
+      say(`Undid ${id}: it is back on screen; label it again.`, "info");
+    } catch (_) {
+      offline();
+    } finally {
+      busy = false;
+      if (sample) render();
+      renderUndo();
+    }
+  }
+
+  function renderUndo() {
+    const b = $("undo");
+    b.disabled = busy || !lastSubmitted;
+    b.title = lastSubmitted ? `withdraw the labels of ${lastSubmitted}` : "nothing submitted yet";
   }
 
   function finish(annotator) {
@@ -416,7 +449,7 @@
       if (v.worst === zoomAt) mark = ` · worst ${d}`;
     }
     $("zoom-caption").textContent = (zoomAt < 0 ? "source (mask outlined)" : `candidate ${zoomAt + 1} of ${n}`) +
-      mark + " · ←/→ browse · 1…9 / Shift+1…9 label " + `“${d}”` + " · Esc close";
+      mark + ` · ←/→ browse · 1…${n} / Shift+1…${n} label ` + `“${d}”` + " · Esc close";
   }
 
   // ------------------------------------------------------------------------------------------
@@ -429,9 +462,42 @@
     return m ? Number(m[1]) : null;
   }
 
+  // Up to 9 candidates a digit is a candidate. With 10 or more, a number is typed as its digits: it is
+  // taken as soon as no further digit could extend it (or after a short pause), so "3" of 12 is 3 at
+  // once and "1" waits for a second digit (1, 10, 11, 12). 0 alone is still "no difference".
+  function typeDigit(d, kind) {
+    const n = sample.candidates.length;
+    if (n <= 9 || (digits === "" && d === 0)) {
+      if (d === 0) noDifference(); else choose(kind, d - 1);
+      return;
+    }
+    if (digits && digitsKind !== kind) takeDigits();
+    digits += String(d);
+    digitsKind = kind;
+    clearTimeout(digitsTimer);
+    if (Number(digits) * 10 > n || digits.length >= String(n).length) takeDigits();
+    else {
+      say(`${kind} ${digits}… (another digit, or wait)`, "info", 1200);
+      digitsTimer = setTimeout(takeDigits, 900);
+    }
+  }
+
+  function takeDigits() {
+    clearTimeout(digitsTimer);
+    const v = Number(digits), kind = digitsKind;
+    digits = ""; digitsKind = null;
+    if (!sample || !kind) return;
+    if (v >= 1) choose(kind, v - 1);
+  }
+
   document.addEventListener("keydown", (e) => {
-    if (e.ctrlKey || e.metaKey || e.altKey || !sample) return;
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    if (!sample) {
+      if (e.key === "u" || e.key === "U") { e.preventDefault(); undo(); }  // also from the "all done" page
+      return;
+    }
     const digit = digitOf(e.code);
+    if (digit === null && digits) takeDigits();  // a pending number is complete before anything else
     if (zoomAt !== null) {
       const n = sample.candidates.length;
       if (e.key === "Escape" || e.key === "z" || e.key === "Z") { e.preventDefault(); closeZoom(); return; }
@@ -448,8 +514,7 @@
     }
     if (digit !== null) {
       e.preventDefault();
-      if (digit === 0) noDifference();
-      else choose(e.shiftKey ? "worst" : "best", digit - 1);
+      typeDigit(digit, e.shiftKey ? "worst" : "best");
       return;
     }
     switch (e.key) {
@@ -459,6 +524,7 @@
       case "Backspace": case "Delete": clearFocused(); break;
       case "Enter": submit(); break;
       case "s": case "S": skip(); break;
+      case "u": case "U": undo(); break;
       case "z": case "Z": openZoom(0); break;
       case "o": case "O":
         outlineCandidates = !outlineCandidates;
@@ -484,6 +550,7 @@
 
   $("submit").addEventListener("click", (e) => { e.currentTarget.blur(); submit(); });
   $("skip").addEventListener("click", (e) => { e.currentTarget.blur(); skip(); });
+  $("undo").addEventListener("click", (e) => { e.currentTarget.blur(); undo(); });
   $("source").addEventListener("click", () => openZoom(-1));
   $("zoom").addEventListener("click", closeZoom);
   loadState();
