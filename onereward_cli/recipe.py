@@ -197,6 +197,8 @@ class RLConfig:
     max_nonfinite: int = 5
     save_every: int = 10
     eval_every: int = 0
+    # Held-out conditions rolled out (fixed seeds) for the logged oracle score at each eval_every.
+    heldout_n: int = 8
     log_every: int = 1
 
 
@@ -532,6 +534,7 @@ def validate(r: Recipe) -> Recipe:
     _check(q.mixed_precision in ("no", "bf16", "fp16"), "rl.mixed_precision", "must be no, bf16 or fp16")
     _check(q.steps >= 1, "rl.steps", "must be >= 1")
     _check(q.save_every >= 0 and q.eval_every >= 0, "rl.save_every", "must be >= 0")
+    _check(q.heldout_n >= 1, "rl.heldout_n", "must be >= 1")
     e = r.eval
     _check(e.steps >= 1, "eval.steps", "must be >= 1")
     _check(e.resolution > 0 and e.resolution % 16 == 0, "eval.resolution", "must be a positive multiple of 16")

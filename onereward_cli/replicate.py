@@ -410,6 +410,18 @@ def report(res: dict, out: Path, recipe=None) -> Path:
     return out / "replication.md"
 
 
+def _json_safe(o):
+    """NaN (an interval from one seed, a cell without pairs) -> null: strict JSON readers reject NaN."""
+    if isinstance(o, float):
+        return None if math.isnan(o) or math.isinf(o) else o
+    if isinstance(o, dict):
+        return {(k if isinstance(k, str) else " / ".join(map(str, k)) if isinstance(k, tuple) else str(k)): _json_safe(v)
+                for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    return o
+
+
 def run(recipe, out, seeds: int | None = None) -> Path:
     """Run (or resume) every seed under OUT/seed-N, then aggregate into OUT/replication.{md,json}."""
     out = Path(out)
@@ -422,7 +434,7 @@ def run(recipe, out, seeds: int | None = None) -> Path:
         run_seed(r, d)
         dirs.append(d)
     res = aggregate(dirs)
-    write_json(out / "replication.json", res)
+    write_json(out / "replication.json", _json_safe(res))
     plot_accuracy(res, out / "accuracy.png")
     plot_curves(dirs, out / "reward_curves.png")
     md = report(res, out, recipe)

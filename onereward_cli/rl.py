@@ -515,7 +515,8 @@ def heldout_oracle(trainer, conds, n: int = 4) -> float:
 
     from .synth import oracle_scores
 
-    idx = list(range(min(n, len(conds))))
+    # Evenly spaced, so a benchmark ordered by task contributes every task.
+    idx = sorted({k * len(conds) // min(n, len(conds)) for k in range(min(n, len(conds)))})
     images, masks = stack_conditions(conds, idx, trainer.device, trainer.dtype)
     cond = trainer.rollout.prepare_condition(trainer.pipe, images, masks, generator=torch.Generator().manual_seed(0))
     eps = trainer._noise(len(idx), torch.Generator().manual_seed(12345))
@@ -591,7 +592,7 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
             rec = {"step": step + 1, "loss": float(loss.detach()), "t": t, "grad_norm": gn, "lr": trainer.sched.get_last_lr()[0],
                    "rewards": rewards, "mean_reward": float(torch.cat([p.detach().float() for p in p_yes]).mean())}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                rec["heldout_oracle"] = heldout_oracle(trainer, heldout_conds)
+                rec["heldout_oracle"] = heldout_oracle(trainer, heldout_conds, n=cfg.heldout_n)
             if acc.is_main_process:
                 append_jsonl(log_path, rec)
                 if tb is not None:
