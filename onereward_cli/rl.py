@@ -236,6 +236,11 @@ def policy_settings(recipe) -> dict:
                             {k: t.fixed_prompt for k, t in recipe.tasks.items() if t.fixed_prompt is not None})
 
 
+def lora_metadata(transformer) -> dict:
+    """The trained adapter's peft LoraConfig as a dict (what diffusers' training scripts save)."""
+    return transformer.peft_config["default"].to_dict()
+
+
 def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool, extra: dict | None = None):
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -243,7 +248,10 @@ def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool,
     if lora:
         from peft.utils import get_peft_model_state_dict
 
+        # The adapter config (rank, alpha, targets) goes into the safetensors header: without it
+        # load_lora_weights assumes alpha = rank and reloads a different function.
         pipe_cls.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                   transformer_lora_adapter_metadata=lora_metadata(transformer),
                                    safe_serialization=True)
     else:
         transformer.save_pretrained(tmp, safe_serialization=True)

@@ -249,3 +249,48 @@ def test_accelerate_two_processes_cpu(conditions, zoo, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert (out / "policy" / "pytorch_lora_weights.safetensors").exists()
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
+
+
+def _transformer_out(tr):
+    """The transformer's output on fixed random inputs: the function a LoRA policy computes."""
+    g = torch.Generator().manual_seed(0)
+    c = tr.config
+    kw = dict(hidden_states=torch.randn(1, 16, c.in_channels, generator=g),
+              encoder_hidden_states=torch.randn(1, 8, c.joint_attention_dim, generator=g),
+              pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g),
+              timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+              img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.zeros(8, 3), return_dict=False)
+    with torch.no_grad():
+        return tr(**kw)[0]
+
+
+def test_lora_policy_reloads_at_trained_strength(conditions, zoo, tmp_path):
+    """alpha != rank: the saved adapter must reload as the exact trained function, through diffusers
+    and through our own loader (generate / eval)."""
+    from diffusers import FluxFillPipeline
+
+    from onereward_cli.models.flux_fill import load_fill_pipeline
+
+    r = recipe("rl.lora_rank=2", "rl.lora_alpha=8", "rl.steps=2", "rl.lr=1e-2", "rl.save_every=0")
+    out = tmp_path / "alpha"
+    rl.run(r, conditions, out)
+    # The trained function, rebuilt the way rl holds it: base + adapter (r=2, alpha=8) + the final weights.
+    pipe = load_fill_pipeline(r.models.policy)
+    pol = rl.Policy(pipe.transformer, r.rl, dynamic=False, seed=r.seed)
+    ck = out / "checkpoints" / "step-000002"
+    pol.load_state_tensors(rl.load_tensors(ck / "policy.safetensors"), rl.load_tensors(ck / "ema.safetensors"))
+    trained = _transformer_out(pol.transformer)
+    with pol.reference_transformer() as base:
+        assert (trained - _transformer_out(base)).abs().max() > 1e-3  # the adapters did move
+    theirs = FluxFillPipeline.from_pretrained(str(zoo / "flux-fill"))
+    theirs.load_lora_weights(str(out / "policy"))
+    assert torch.allclose(_transformer_out(theirs.transformer), trained, atol=1e-5)
+    ours = load_fill_pipeline(str(out / "policy"))
+    assert torch.allclose(_transformer_out(ours.transformer), trained, atol=1e-5)
+    # A policy saved before the fix (no adapter config in the header) loads with a warning.
+    from safetensors.torch import load_file, save_file
+
+    f = out / "policy" / "pytorch_lora_weights.safetensors"
+    save_file(load_file(str(f)), str(f))
+    with pytest.warns(UserWarning, match="alpha = rank"):
+        load_fill_pipeline(str(out / "policy"))
