@@ -107,6 +107,29 @@ def p_yes_from_logits(logits: torch.Tensor, yes_id: int, no_id: int, normalise: 
 # ----------------------------------------------------------------------------------------------
 # The scorer
 # ----------------------------------------------------------------------------------------------
+_WARNED_NO_SIZE: set[str] = set()
+
+
+def check_trained_size(trained_with: dict, image_size: int, max_pixels: int, meta_path):
+    """A judge trained on images of one pixel budget scores another budget as a different function:
+    refuse the mismatch. Records written before `image_size` was kept: warn once per model."""
+    if "image_size" not in trained_with:
+        if str(meta_path) not in _WARNED_NO_SIZE:
+            _WARNED_NO_SIZE.add(str(meta_path))
+            import warnings
+
+            warnings.warn(f"{meta_path}: no image_size recorded; cannot check that reward.image_size={image_size} "
+                          "is the size this reward model was trained at", UserWarning, stacklevel=3)
+        return
+    if trained_with["image_size"] != image_size:
+        raise InputError(f"the reward model was trained at {trained_with['image_size']} px, the recipe says "
+                         f"{image_size}: set reward.image_size={trained_with['image_size']}", path=meta_path,
+                         field="reward.image_size")
+    if "max_pixels" in trained_with and trained_with["max_pixels"] != max_pixels:
+        raise InputError(f"the reward model was trained with at most {trained_with['max_pixels']} pixels per image, "
+                         f"this processor allows {max_pixels}", path=meta_path, field="reward.image_size")
+
+
 class RewardScorer:
     """A Qwen2/2.5-VL checkpoint asked "is the first image better than the second?".
 
@@ -155,8 +178,11 @@ class RewardScorer:
                 warnings.warn(f"reward model {path} was trained with " + ", ".join(
                     f"reward.{k}={trained_with[k]!r}" for k in differ) + " but the recipe says " + ", ".join(
                     f"{getattr(reward_cfg, k)!r}" for k in differ), UserWarning, stacklevel=2)
-        return cls(model, processor, yes_id=yes_id, no_id=no_id, normalise=reward_cfg.normalise,
-                   max_pixels=reward_cfg.image_size ** 2, path=path, trained_with=trained_with)
+        scorer = cls(model, processor, yes_id=yes_id, no_id=no_id, normalise=reward_cfg.normalise,
+                     max_pixels=reward_cfg.image_size ** 2, path=path, trained_with=trained_with)
+        if trained_with is not None and not trainable:  # training may move a judge to a new size on purpose
+            check_trained_size(trained_with, reward_cfg.image_size, scorer.image_processor.max_pixels, meta_path)
+        return scorer
 
     @property
     def device(self) -> torch.device:

@@ -439,7 +439,8 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
         processor.save_pretrained(tmp)
         write_json(tmp / REWARD_META, {"base": r.models.reward, "query_mode": w.query_mode, "bold": w.bold,
                                        "normalise": w.normalise, "yes_token": w.yes_token, "no_token": w.no_token,
-                                       "image_size": w.image_size, "steps": step, "lora_merged": w.lora})
+                                       "image_size": w.image_size, "max_pixels": scorer.image_processor.max_pixels,
+                                       "steps": step, "lora_merged": w.lora})
         shutil.rmtree(final_dir, ignore_errors=True)
         tmp.rename(final_dir)
         if final_report is not None:

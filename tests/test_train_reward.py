@@ -65,6 +65,8 @@ def test_training_memorises_pairs_and_saves_a_loadable_model(tmp_path, zoo):
     assert isinstance(AutoModelForImageTextToText.from_pretrained(final), torch.nn.Module)
     scorer = RewardScorer.load(str(final), r.reward)
     assert scorer.trained_with["query_mode"] == "full"
+    assert scorer.trained_with["image_size"] == r.reward.image_size  # RewardScorer.load checks it
+    assert scorer.trained_with["max_pixels"] == scorer.image_processor.max_pixels
     w, lo = load_image_tensor(pairs / "img/0_bright.png"), load_image_tensor(pairs / "img/0_dark.png")
     q = build_query(r.tasks["fill"], "aesthetics", "a red circle")
     p = scorer.p_yes(torch.stack([w, lo]), torch.stack([lo, w]), [[q], [q]])
