@@ -171,6 +171,9 @@ class RewardConfig:
     max_grad_norm: float = 1.0
 
 
+LR_SCHEDULES = ("constant", "cosine", "linear")  # after the warmup (checkpointing.lr_factor)
+
+
 @dataclass(frozen=True)
 class RLConfig:
     steps: int = 20
@@ -194,6 +197,9 @@ class RLConfig:
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
     max_grad_norm: float = 1.0
+    # Learning rate: linear warmup over lr_warmup steps, then constant | cosine | linear decay to 0 at rl.steps.
+    lr_warmup: int = 0
+    lr_schedule: str = "constant"
     max_nonfinite: int = 5
     save_every: int = 10
     eval_every: int = 0
@@ -531,6 +537,8 @@ def validate(r: Recipe) -> Recipe:
     _check(q.resolution > 0 and q.resolution % 16 == 0, "rl.resolution", "must be a positive multiple of 16")
     _check(q.mixed_precision in ("no", "bf16", "fp16"), "rl.mixed_precision", "must be no, bf16 or fp16")
     _check(q.steps >= 1, "rl.steps", "must be >= 1")
+    _check(q.lr_warmup >= 0, "rl.lr_warmup", "must be >= 0 (steps)")
+    _check(q.lr_schedule in LR_SCHEDULES, "rl.lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
     _check(q.save_every >= 0 and q.eval_every >= 0, "rl.save_every", "must be >= 0")
     e = r.eval
     _check(e.steps >= 1, "eval.steps", "must be >= 1")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from .artifacts import (RunManifest, append_jsonl, load_tensors, open_image, read_jsonl, save_tensors,
                         write_json)
-from .checkpointing import optimizer_from_files, optimizer_to_files
+from .checkpointing import make_scheduler, optimizer_from_files, optimizer_to_files
 from .errors import InputError
 from .recipe import resolve_device, torch_dtype
 from .tasks import TASK_KEYS, check_mask, task_prompt
@@ -274,11 +274,31 @@ def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: 
     save_tensors(tmp / "optimizer.safetensors", ot or {"_empty": torch.zeros(1)})
     save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
     write_json(tmp / "state.json", {"step": step, "optimizer": ometa, "scheduler": sched.state_dict(),
-                                    "counters": counters})
+                                    "lr_schedule": lr_record(policy.cfg), "counters": counters})
     shutil.rmtree(ck, ignore_errors=True)
     tmp.rename(ck)
     write_json(out / "checkpoints" / "latest.json", {"step": step, "path": ck.name})
     return ck
+
+
+def lr_record(cfg) -> dict:
+    return {"lr_warmup": cfg.lr_warmup, "lr_schedule": cfg.lr_schedule, "steps": cfg.steps}
+
+
+def check_lr_record(saved: dict | None, now: dict, ck: Path):
+    """Resuming under another schedule would not continue the same run: refuse it. More rl.steps
+    is how a run is extended; with a decaying schedule that stretches the rest of the decay."""
+    if saved is None:  # checkpoints from before the schedule keys: the old constant lr
+        saved = {"lr_warmup": 0, "lr_schedule": "constant"}
+    for k in ("lr_warmup", "lr_schedule"):
+        if saved[k] != now[k]:
+            raise InputError(f"cannot resume: the checkpoint was trained with {saved[k]!r}, the recipe says "
+                             f"{now[k]!r}", path=ck, field=f"rl.{k}")
+    if now["lr_schedule"] != "constant" and saved.get("steps", now["steps"]) != now["steps"]:
+        import warnings
+
+        warnings.warn(f"{ck}: rl.steps changed from {saved['steps']} to {now['steps']}: the {now['lr_schedule']} "
+                      "decay is stretched over the new total from here on", UserWarning, stacklevel=3)
 
 
 def load_checkpoint(out: Path, policy: Policy, opt, sched) -> tuple[int, dict]:
@@ -288,6 +308,7 @@ def load_checkpoint(out: Path, policy: Policy, opt, sched) -> tuple[int, dict]:
     info = json.loads(latest.read_text())
     ck = out / "checkpoints" / info["path"]
     state = json.loads((ck / "state.json").read_text())
+    check_lr_record(state.get("lr_schedule"), lr_record(policy.cfg), ck)
     policy.load_state_tensors(load_tensors(ck / "policy.safetensors"), load_tensors(ck / "ema.safetensors"))
     ot = {k: v for k, v in load_tensors(ck / "optimizer.safetensors").items() if k != "_empty"}
     opt.load_state_dict(optimizer_from_files(ot, state["optimizer"]))
@@ -387,7 +408,7 @@ class Trainer:
         self.scorer = RewardScorer.load(reward_spec, recipe.reward, device=self.device, dtype=self.dtype)
         self.params = list(self.policy.trainable.values())
         self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=0.0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / 1.0))
+        self.sched = make_scheduler(self.opt, self.cfg.lr_warmup, self.cfg.lr_schedule, self.cfg.steps)
         self.ref_cache: dict[int, torch.Tensor] = {}
         self.sigmas = rollout.make_sigmas(self.pipe, self.cfg.rollout_steps, self.cfg.resolution, self.cfg.resolution)
         self.timers: dict[str, float] = {}
@@ -594,9 +615,10 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
                     raise RuntimeError(f"aborting: {counters['nonfinite']} non-finite losses (rl.max_nonfinite)")
                 prog.advance(bar)
                 continue
+            lr = trainer.sched.get_last_lr()[0]  # the lr this step trains with
             gn = trainer.optimizer_step(loss)
             rewards = _rewards_by_key(trainer, idx, p_yes)
-            rec = {"step": step + 1, "loss": float(loss.detach()), "t": t, "grad_norm": gn, "lr": trainer.sched.get_last_lr()[0],
+            rec = {"step": step + 1, "loss": float(loss.detach()), "t": t, "grad_norm": gn, "lr": lr,
                    "rewards": rewards, "mean_reward": float(torch.cat([p.detach().float() for p in p_yes]).mean())}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 rec["heldout_oracle"] = heldout_oracle(trainer, heldout_conds)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpointing import optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files
+from .checkpointing import make_scheduler, optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files
 from .errors import InputError
 from .reward import (REWARD_META, ImageCache, RewardScorer, accuracy_report, accuracy_table, build_query,
                      eq3_loss, load_pairs, pair_batch_inputs, save_accuracy, score_pairs, yes_no_logprobs)
@@ -123,13 +123,6 @@ def setup_trainable(model, w):
 
 def trainable_named(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def make_scheduler(optimizer, warmup: int):
-    def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -106,6 +106,7 @@ def test_unknown_section():
     ("generate.steps=5", "expected a list"),
     ("generate.masks=3", "expected a mapping"),
     ("seed=[1]", "expected an integer"),
+    ("rl.lr_warmup=2.5", "expected an integer"),
 ])
 def test_wrong_type(override, fragment):
     msg = error_of([override])
@@ -138,6 +139,8 @@ def test_wrong_type_inside_a_list_names_the_element():
     (["reward.image_size=50"], "reward.image_size", "multiple of 28"),
     (["synth.min_objects=0"], "synth.min_objects", "min_objects"),
     (["synth.min_objects=4", "synth.max_objects=2"], "synth.min_objects", "min_objects"),
+    (["rl.lr_warmup=-1"], "rl.lr_warmup", ">= 0"),
+    (["rl.lr_schedule=exponential"], "rl.lr_schedule", "constant, cosine, linear"),
 ])
 def test_impossible_values(overrides, key, fragment):
     msg = error_of(overrides)

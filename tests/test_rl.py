@@ -71,6 +71,38 @@ def test_task_sampling_follows_probabilities(conditions):
         assert abs(counts[i[0]] / total - p) < 0.04, (k, counts[i[0]] / total, p)
 
 
+@pytest.mark.parametrize("schedule, factors", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [0.5, 1.0, 1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4))]),
+])
+def test_lr_schedule_and_its_resume(schedule, factors):
+    """Warmup 2 then the schedule over 6 steps; a scheduler restored from its JSON state continues it."""
+    from onereward_cli.checkpointing import make_scheduler
+
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+
+    o = opt()
+    s = make_scheduler(o, 2, schedule, 6)
+    seen = []
+    for _ in range(6):
+        seen.append(o.param_groups[0]["lr"])
+        o.step()
+        s.step()
+    assert seen == pytest.approx([2.0 * f for f in factors])
+    o2 = opt()
+    s2 = make_scheduler(o2, 2, schedule, 6)
+    for _ in range(3):
+        o2.step()
+        s2.step()
+    state = json.loads(json.dumps(s2.state_dict()))  # what rl's state.json holds
+    o3 = opt()
+    s3 = make_scheduler(o3, 2, schedule, 6)
+    s3.load_state_dict(state)
+    assert s3.get_last_lr() == pytest.approx(seen[3:4])
+
+
 def test_step_is_deterministic_per_step_index():
     r = recipe()
     by = {"fill": [0, 1], "removal": [2]}
@@ -145,11 +177,14 @@ def _weights(d: Path):
 def test_resume_equals_uninterrupted_and_outputs_load(conditions, zoo, tmp_path):
     from diffusers import FluxFillPipeline
 
+    warm = "rl.lr_warmup=3"  # the lr ramps across the interruption
     full = tmp_path / "full"
-    rl.run(recipe("rl.steps=4", "rl.save_every=2"), conditions, full)
+    rl.run(recipe("rl.steps=4", "rl.save_every=2", warm), conditions, full)
     part = tmp_path / "part"
-    rl.run(recipe("rl.steps=2", "rl.save_every=2"), conditions, part)
-    rl.run(recipe("rl.steps=4", "rl.save_every=2"), conditions, part, resume=True)
+    rl.run(recipe("rl.steps=2", "rl.save_every=2", warm), conditions, part)
+    with pytest.raises(rl.InputError, match="rl.lr_warmup"):  # another schedule is not the same run
+        rl.run(recipe("rl.steps=4", "rl.save_every=2"), conditions, part, resume=True)
+    rl.run(recipe("rl.steps=4", "rl.save_every=2", warm), conditions, part, resume=True)
     a, b = _weights(full / "policy"), _weights(part / "policy")
     assert a.keys() == b.keys()
     for k in a:
@@ -159,6 +194,8 @@ def test_resume_equals_uninterrupted_and_outputs_load(conditions, zoo, tmp_path)
         assert torch.equal(ea[k], eb[k]), k
     log = [json.loads(x) for x in (part / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+    lr = recipe().rl.lr
+    assert [r["lr"] for r in log] == pytest.approx([lr / 3, 2 * lr / 3, lr, lr])
     assert (full / "reward_curves.png").exists() and (full / "run.json").exists()
     meta = json.loads((full / "policy" / "onereward_policy.json").read_text())
     assert meta["kind"] == "lora"
