@@ -195,6 +195,8 @@ class RLConfig:
     lora_alpha: int = 8
     cache_reference: bool = True
     gradient_checkpointing: bool = False
+    # Recompute the reward VLM's blocks in the backward to the pixels (less memory, more time).
+    reward_activation_checkpointing: bool = False
     mixed_precision: str = "no"
     max_grad_norm: float = 1.0
     # Learning rate: linear warmup over lr_warmup steps, then constant | cosine | linear decay to 0 at rl.steps.

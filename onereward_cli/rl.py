@@ -406,6 +406,8 @@ class Trainer:
             self.pipe.vae.enable_gradient_checkpointing()
         self.policy = Policy(self.pipe.transformer, self.cfg, dynamic, seed=recipe.seed)
         self.scorer = RewardScorer.load(reward_spec, recipe.reward, device=self.device, dtype=self.dtype)
+        if self.cfg.reward_activation_checkpointing:
+            self.scorer.enable_activation_checkpointing()
         self.params = list(self.policy.trainable.values())
         self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=0.0)
         self.sched = make_scheduler(self.opt, self.cfg.lr_warmup, self.cfg.lr_schedule, self.cfg.steps)

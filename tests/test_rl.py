@@ -140,6 +140,27 @@ def test_gradient_only_through_final_step(trainer):
     trainer.opt.zero_grad(set_to_none=True)
 
 
+def _step_grads(tr):
+    loss, *_ = tr.step(0)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in tr.policy.trainable.items()}
+    tr.opt.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_reward_activation_checkpointing_keeps_the_gradient(trainer, conditions, zoo):
+    r = recipe("rl.reward_activation_checkpointing=true")
+    ck = rl.Trainer(r, rl.load_conditions(r, conditions), r.models.reward, dynamic=False)
+    from onereward_cli.models.qwen_vl import unwrap
+
+    assert unwrap(ck.scorer.model).is_gradient_checkpointing and not unwrap(trainer.scorer.model).is_gradient_checkpointing
+    (la, ga), (lb, gb) = _step_grads(trainer), _step_grads(ck)
+    assert torch.allclose(la, lb, atol=1e-6)
+    assert sum(g.abs().sum() for g in ga.values()) > 0
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-6, rtol=1e-4), n
+
+
 def test_static_reference_is_cached_and_base_model(trainer):
     idx = [0, 1]
     images, masks = rl.stack_conditions(trainer.conds, idx, trainer.device, trainer.dtype)
