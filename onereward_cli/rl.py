@@ -173,16 +173,18 @@ class Policy:
                 torch.manual_seed(seed)
                 transformer.add_adapter(LoraConfig(r=rl_cfg.lora_rank, lora_alpha=rl_cfg.lora_alpha,
                                                    init_lora_weights="gaussian", target_modules=names))
-            for p in transformer.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()  # fp32 master weights for the small LoRA gradients
         else:
             transformer.requires_grad_(True)
+        self.reference = None
+        if not self.lora and not dynamic:  # copied before the upcast: the frozen reference stays in `dtype`
+            self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+        # fp32 master weights: AdamW's steps (~lr) are below half a bf16 ulp for most weights and would be
+        # rounded away. The forward runs under autocast in the recipe's dtype (Trainer.autocast).
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
         self.trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         self.ema = {n: p.detach().clone().float() for n, p in self.trainable.items()}
-        self.reference = None
-        if not self.lora and not dynamic:
-            self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
 
     @contextlib.contextmanager
     def reference_transformer(self):
@@ -241,7 +243,23 @@ def lora_metadata(transformer) -> dict:
     return transformer.peft_config["default"].to_dict()
 
 
-def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool, extra: dict | None = None):
+@contextlib.contextmanager
+def stored_in(module, dtype):
+    """Temporarily hold every floating parameter in `dtype` (to save fp32 masters in the model's dtype)."""
+    stash = {}
+    for p in module.parameters():
+        if p.dtype != dtype and p.is_floating_point():
+            stash[p] = p.data
+            p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in stash.items():
+            p.data = data
+
+
+def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool, extra: dict | None = None,
+                    dtype=None):
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -254,7 +272,8 @@ def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool,
                                    transformer_lora_adapter_metadata=lora_metadata(transformer),
                                    safe_serialization=True)
     else:
-        transformer.save_pretrained(tmp, safe_serialization=True)
+        with stored_in(transformer, dtype) if dtype is not None else contextlib.nullcontext():
+            transformer.save_pretrained(tmp, safe_serialization=True)
     write_json(tmp / "onereward_policy.json", {"base": base, "kind": "lora" if lora else "transformer", **(extra or {})})
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
@@ -384,6 +403,13 @@ class Trainer:
         self.acc = accelerator
         self.device = accelerator.device if accelerator is not None else torch.device(resolve_device(recipe.device))
         self.dtype = torch_dtype(recipe.dtype)
+        if self.dtype == torch.float16:
+            raise InputError("training in float16 needs loss scaling, which rl does not implement: use bfloat16 "
+                             "(or float32 with rl.mixed_precision: bf16)", field="dtype")
+        # Trainable weights are fp32 masters; the forward computes in bf16 when the recipe asks for it
+        # (dtype bfloat16 for the frozen weights, or rl.mixed_precision bf16).
+        bf16 = self.dtype == torch.bfloat16 or self.cfg.mixed_precision == "bf16"
+        self.compute_dtype = torch.bfloat16 if bf16 else None
         self.conds = conds
         self.by_task: dict[str, list[int]] = {}
         for i, c in enumerate(conds):
@@ -419,6 +445,11 @@ class Trainer:
         self.share_vision = True
 
     # -- pieces ------------------------------------------------------------------------------
+    def autocast(self):
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
     def _embeds(self, idx):
         return self.embeds.select([self.prompt_index[self.conds[i].prompt] for i in idx])
 
@@ -492,6 +523,10 @@ class Trainer:
 
     # -- one iteration -----------------------------------------------------------------------
     def step(self, step: int, rank: int = 0):
+        with self.autocast():
+            return self._step(step, rank)
+
+    def _step(self, step: int, rank: int):
         idx, t, gen = sample_batch(self.r, self.conds, self.by_task, step, rank)
         gen_ref = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         gen_pol = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
@@ -541,6 +576,11 @@ def _rewards_by_key(trainer, idx, p_yes):
 def heldout_oracle(trainer, conds, n: int = 4) -> float:
     """Mean oracle score of full policy rollouts on held-out conditions (fixed seeds): a reward-hacking
     alarm that does not use the reward model."""
+    with trainer.autocast():
+        return _heldout_oracle(trainer, conds, n)
+
+
+def _heldout_oracle(trainer, conds, n: int) -> float:
     import numpy as np
     from PIL import Image
 
@@ -603,8 +643,7 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
                   disable=not acc.is_main_process) as prog:
         bar = prog.add_task("rl", total=cfg.steps, completed=start, info="")
         for step in range(start, cfg.steps):
-            with acc.autocast():
-                loss, idx, t, p_yes, _ = trainer.step(step, rank)
+            loss, idx, t, p_yes, _ = trainer.step(step, rank)  # under the trainer's autocast
             finite = torch.isfinite(loss.detach()).float().reshape(1)
             if acc.num_processes > 1:  # every rank skips together, or the gradient all-reduce would hang
                 torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -643,10 +682,10 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
 
         tr = trainer.policy.transformer
         save_policy_dir(FluxFillPipeline, tr, out / "policy", recipe.models.policy, trainer.policy.lora,
-                        policy_settings(recipe))
+                        policy_settings(recipe), dtype=trainer.dtype)
         with trainer.policy.swapped_in_ema():
             save_policy_dir(FluxFillPipeline, tr, out / "ema", recipe.models.policy, trainer.policy.lora,
-                            policy_settings(recipe))
+                            policy_settings(recipe), dtype=trainer.dtype)
         png = plot_reward_curves(log_path, out / "reward_curves.png") if log_path.exists() else None
         if tb is not None:
             tb.close()

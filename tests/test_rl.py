@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from onereward_cli import rl
@@ -352,3 +353,44 @@ def test_lora_policy_reloads_at_trained_strength(conditions, zoo, tmp_path):
     save_file(load_file(str(f)), str(f))
     with pytest.warns(UserWarning, match="alpha = rank"):
         load_fill_pipeline(str(out / "policy"))
+
+
+def _update(conditions, *extra, plain_bf16=False):
+    """The change of the trainable weights after two full fine-tuning steps at lr 1e-4."""
+    r = recipe("rl.lora=false", "rl.lr=1e-4", *extra)
+    tr = rl.Trainer(r, rl.load_conditions(r, conditions), r.models.reward, dynamic=True)
+    if plain_bf16:  # what rl did before: AdamW straight on the bf16 weights
+        for p in tr.params:
+            p.data = p.data.to(torch.bfloat16)
+        tr.opt = torch.optim.AdamW(tr.params, lr=r.rl.lr, weight_decay=0.0)
+        tr.sched = rl.make_scheduler(tr.opt, 0)
+    w0 = {n: p.detach().float().clone() for n, p in tr.policy.trainable.items()}
+    for s in range(2):
+        loss, *_ = tr.step(s)
+        tr.optimizer_step(loss)
+    dtypes = {p.dtype for p in tr.params}
+    return torch.cat([(p.detach().float() - w0[n]).flatten() for n, p in tr.policy.trainable.items()]), dtypes
+
+
+def test_bf16_training_updates_fp32_master_weights(conditions, zoo):
+    bf16 = ("dtype=bfloat16", "rl.mixed_precision=bf16")
+    ref, _ = _update(conditions)  # fp32 throughout
+    got, dtypes = _update(conditions, *bf16)
+    assert dtypes == {torch.float32}
+    # Like fp32: (almost) every weight moves and the step has the same size and direction. Not equal: the
+    # bf16 forward changes the gradients, and Adam's first steps follow their signs.
+    assert (got == 0).float().mean() < 0.01
+    assert abs(got.norm() / ref.norm() - 1) < 0.1
+    assert F.cosine_similarity(got, ref, dim=0) > 0.6
+    # The failure this guards: in plain bf16 most ~1e-4 steps are below half an ulp and rounded away.
+    lost, dtypes = _update(conditions, *bf16, plain_bf16=True)
+    assert dtypes == {torch.bfloat16}
+    assert (lost == 0).float().mean() > 0.3
+
+
+def test_full_policy_is_saved_in_the_model_dtype_and_masters_survive():
+    m = torch.nn.Linear(3, 2)
+    w = m.weight.data.clone()
+    with rl.stored_in(m, torch.bfloat16):
+        assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert m.weight.dtype == torch.float32 and torch.equal(m.weight.data, w)  # no rounding of the masters
