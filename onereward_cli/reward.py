@@ -147,6 +147,9 @@ class RewardScorer:
         self.path = path
         self.trained_with = trained_with
         self.image_processor = TorchImageProcessor(processor.image_processor, max_pixels=max_pixels)
+        self.model_dtype = next(model.parameters()).dtype  # what the checkpoint was loaded in
+        # Set by train-reward when fp32 master weights sit next to bf16 ones: forwards run under autocast.
+        self.autocast_dtype: torch.dtype | None = None
         self.prompts = PromptBuilder(processor)
         # What computes logits; train-reward swaps in the accelerate-prepared (DDP/FSDP) wrapper.
         self.judge = Judge(model)
@@ -226,7 +229,15 @@ class RewardScorer:
         """(S, V) float32 answer-position logits; the ViT runs once per unique image."""
         if not seqs:
             return torch.zeros((0, 0), device=self.device)
-        return self.judge(**self.batch(images, seqs).as_kwargs()).float()
+        with self._autocast():
+            return self.judge(**self.batch(images, seqs).as_kwargs()).float()
+
+    def _autocast(self):
+        import contextlib
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def logits_per_query(self, images, seqs: list[tuple[int, int, str]]) -> torch.Tensor:
         """Reference path: one plain `model(pixel_values=...)` forward per sequence (no sharing)."""
@@ -240,8 +251,9 @@ class RewardScorer:
         for i, j, q in seqs:
             text = self.prompts.batch([(q, sizes[i] // merge2, sizes[j] // merge2)], device=self.device)
             pv = torch.cat([pixel_values[starts[i]:starts[i + 1]], pixel_values[starts[j]:starts[j + 1]]])
-            out = self.model(pixel_values=pv, image_grid_thw=grid[[i, j]].to(self.device), use_cache=False,
-                             logits_to_keep=1, **text)
+            with self._autocast():
+                out = self.model(pixel_values=pv, image_grid_thw=grid[[i, j]].to(self.device), use_cache=False,
+                                 logits_to_keep=1, **text)
             rows.append(out.logits[:, -1].float())
         return torch.cat(rows)
 

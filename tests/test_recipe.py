@@ -140,6 +140,8 @@ def test_wrong_type_inside_a_list_names_the_element():
     (["synth.min_objects=0"], "synth.min_objects", "min_objects"),
     (["synth.min_objects=4", "synth.max_objects=2"], "synth.min_objects", "min_objects"),
     (["rl.lr_warmup=-1"], "rl.lr_warmup", ">= 0"),
+    (["rl.mixed_precision=fp16"], "rl.mixed_precision", "loss scaling"),
+    (["reward.mixed_precision=fp16"], "reward.mixed_precision", "loss scaling"),
     (["rl.lr_schedule=exponential"], "rl.lr_schedule", "constant, cosine, linear"),
 ])
 def test_impossible_values(overrides, key, fragment):

@@ -394,3 +394,9 @@ def test_full_policy_is_saved_in_the_model_dtype_and_masters_survive():
     with rl.stored_in(m, torch.bfloat16):
         assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     assert m.weight.dtype == torch.float32 and torch.equal(m.weight.data, w)  # no rounding of the masters
+
+
+def test_float16_training_is_refused(conditions, zoo, tmp_path):
+    with pytest.raises(rl.InputError, match="dtype: training in float16 needs loss scaling"):
+        rl.run(recipe("dtype=float16"), conditions, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
