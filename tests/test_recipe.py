@@ -58,6 +58,7 @@ def test_paper_recipes_hold_the_paper_values(name):
     assert r.rl.t1 <= r.rl.t2 < r.rl.rollout_steps
     assert r.rl.resolution % 16 == 0 and r.generate.resolution % 16 == 0 and r.eval.resolution % 16 == 0
     assert r.rl.mixed_precision == "bf16" and r.rl.gradient_checkpointing
+    assert r.rl.reward_activation_checkpointing and not load_recipe("tiny").rl.reward_activation_checkpointing
     assert r.rl.lora and (r.rl.lora_rank, r.rl.lora_alpha) == (64, 128)
     assert r.eval.steps == 50
 
