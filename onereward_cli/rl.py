@@ -32,7 +32,7 @@ from .artifacts import (RunManifest, append_jsonl, load_tensors, open_image, rea
 from .checkpointing import make_scheduler, optimizer_from_files, optimizer_to_files
 from .errors import InputError
 from .recipe import resolve_device, torch_dtype
-from .tasks import TASK_KEYS, check_mask, task_prompt
+from .tasks import TASK_KEYS, check_mask, fit_size, task_prompt
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
@@ -95,9 +95,10 @@ def load_conditions(recipe, data) -> list[Condition]:
         if msk.size != img.size:
             raise InputError(f"mask is {msk.size[0]}x{msk.size[1]}, image is {img.size[0]}x{img.size[1]}",
                              path=f, line=line, field="mask")
-        m = np.asarray(msk.resize((res, res), Image.NEAREST)) >= 128
+        size = fit_size(*img.size, res)  # about res**2 pixels at the condition's own aspect ratio (as generate)
+        m = np.asarray(msk.resize(size, Image.NEAREST)) >= 128
         check_mask(m.astype(np.uint8), task, path=f, line=line)
-        x = torch.from_numpy(np.asarray(img.resize((res, res), Image.BICUBIC), dtype=np.float32) / 255.0)
+        x = torch.from_numpy(np.asarray(img.resize(size, Image.BICUBIC), dtype=np.float32) / 255.0)
         out.append(Condition(sid, task, task_prompt(tcfg, user_prompt), user_prompt if tcfg.fixed_prompt is None else "",
                              x.permute(2, 0, 1).contiguous(), torch.from_numpy(m.astype(np.float32))[None]))
     if not out:
@@ -384,6 +385,14 @@ def plot_reward_curves(log_path: Path, png: Path, window: int = 5):
 # ----------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------
+def shape_buckets(conds, idx) -> list[list[int]]:
+    """idx split by image size, buckets in order of first appearance (a batch must share one size)."""
+    buckets: dict[tuple, list[int]] = {}
+    for i in idx:
+        buckets.setdefault(tuple(conds[i].image.shape), []).append(i)
+    return list(buckets.values())
+
+
 def stack_conditions(conds, idx, device, dtype):
     images = torch.stack([conds[i].image for i in idx]).to(device, dtype)
     masks = torch.stack([conds[i].mask for i in idx]).to(device, dtype)
@@ -438,7 +447,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=0.0)
         self.sched = make_scheduler(self.opt, self.cfg.lr_warmup, self.cfg.lr_schedule, self.cfg.steps)
         self.ref_cache: dict[int, torch.Tensor] = {}
-        self.sigmas = rollout.make_sigmas(self.pipe, self.cfg.rollout_steps, self.cfg.resolution, self.cfg.resolution)
+        self._sigmas: dict[tuple[int, int], torch.Tensor] = {}
         self.timers: dict[str, float] = {}
         # One vision pass per image pair for all of its dimension queries (False: one forward per query,
         # kept for the benchmark's naive baseline).
@@ -466,51 +475,61 @@ class Trainer:
             torch.cuda.synchronize()
         self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - t
 
-    def _noise(self, n, gen):
-        res = self.cfg.resolution
-        return self.rollout.initial_latents(self.pipe, n, res, res, gen, self.device, self.dtype)
+    def sigmas(self, hw) -> torch.Tensor:
+        """The rollout schedule for images of size hw = (H, W): FLUX's shift depends on the token count."""
+        hw = tuple(int(v) for v in hw)
+        if hw not in self._sigmas:
+            self._sigmas[hw] = self.rollout.make_sigmas(self.pipe, self.cfg.rollout_steps, *hw)
+        return self._sigmas[hw]
+
+    def _noise(self, n, gen, hw):
+        return self.rollout.initial_latents(self.pipe, n, *hw, gen, self.device, self.dtype)
 
     @torch.no_grad()
-    def _reference_rollout(self, cond, emb, eps):
+    def _reference_rollout(self, cond, emb, eps, hw):
+        sig = self.sigmas(hw)
         with self._timed("reference_rollout"), self.policy.reference_transformer() as ref:
-            lat = self.rollout.denoise(ref, eps, cond, emb, self.sigmas, 0, len(self.sigmas) - 1,
+            lat = self.rollout.denoise(ref, eps, cond, emb, sig, 0, len(sig) - 1,
                                        guidance=self.cfg.guidance, true_cfg=self.cfg.true_cfg,
                                        neg_embeds=self._neg(eps.shape[0]))
-            return self.rollout.decode(self.pipe, lat, self.cfg.resolution, self.cfg.resolution)
+            return self.rollout.decode(self.pipe, lat, *hw)
 
     @torch.no_grad()
-    def reference_images(self, idx, cond, gen_ref):
+    def reference_images(self, idx, cond, gen_ref):  # idx: conditions of one shape
         """x_ref for each sample (Alg. 1 line 7).
 
         Static mode with rl.cache_reference: x_ref is a function of (c, eps_1) alone, so eps_1 and the
         VAE sample of the condition are drawn from a generator seeded by the condition, each one is
         rolled out on its own (batch-size independent numerics) and reused in later epochs.
         """
+        hw = self.conds[idx[0]].image.shape[-2:]
         if not (self.cfg.cache_reference and not self.dynamic):
-            return self._reference_rollout(cond, self._embeds(idx), self._noise(len(idx), gen_ref))
+            return self._reference_rollout(cond, self._embeds(idx), self._noise(len(idx), gen_ref, hw), hw)
         for i in idx:
             if i not in self.ref_cache:
                 g = torch.Generator().manual_seed(self.r.seed * 7_777 + i)
                 image, mask = stack_conditions(self.conds, [i], self.device, self.dtype)
                 c1 = self.rollout.prepare_condition(self.pipe, image, mask, generator=g)
-                self.ref_cache[i] = self._reference_rollout(c1, self._embeds([i]), self._noise(1, g))[0]
+                self.ref_cache[i] = self._reference_rollout(c1, self._embeds([i]), self._noise(1, g, hw), hw)[0]
         return torch.stack([self.ref_cache[i] for i in idx])
 
     def policy_images(self, idx, cond, t, gen_pol):
         """x_theta: no-grad rollout to step t, then one step with grad predicting x0, decoded with grad."""
         tr = self.policy.transformer
         emb = self._embeds(idx)
-        eps = self._noise(len(idx), gen_pol)
+        hw = self.conds[idx[0]].image.shape[-2:]
+        sig = self.sigmas(hw)
+        eps = self._noise(len(idx), gen_pol, hw)
         with self._timed("policy_rollout"):
             with torch.no_grad():
-                x_t = self.rollout.denoise(tr, eps, cond, emb, self.sigmas, 0, t, guidance=self.cfg.guidance,
+                x_t = self.rollout.denoise(tr, eps, cond, emb, sig, 0, t, guidance=self.cfg.guidance,
                                            true_cfg=self.cfg.true_cfg, neg_embeds=self._neg(len(idx)))
-            sigma = self.sigmas[t]
+            sigma = sig[t]
             v = self.rollout.velocity(tr, x_t.detach(), cond, emb, sigma, guidance=self.cfg.guidance,
                                       true_cfg=self.cfg.true_cfg, neg_embeds=self._neg(len(idx)))
             x0 = self.rollout.predict_x0(x_t.detach(), v, sigma)
         with self._timed("decode"):
-            return self.rollout.decode(self.pipe, x0, self.cfg.resolution, self.cfg.resolution)
+            return self.rollout.decode(self.pipe, x0, *hw)
 
     def queries(self, idx):
         out = []
@@ -527,19 +546,25 @@ class Trainer:
             return self._step(step, rank)
 
     def _step(self, step: int, rank: int):
+        """Returns (loss, idx, t, p_yes, x_theta): idx in shape-bucket order, p_yes per sample of idx,
+        x_theta one (n, 3, H, W) tensor per bucket."""
         idx, t, gen = sample_batch(self.r, self.conds, self.by_task, step, rank)
         gen_ref = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         gen_pol = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        images, masks = stack_conditions(self.conds, idx, self.device, self.dtype)
-        with torch.no_grad(), self._timed("condition"):
-            cond = self.rollout.prepare_condition(self.pipe, images, masks, generator=gen)
-        x_ref = self.reference_images(idx, cond, gen_ref)
-        x_theta = self.policy_images(idx, cond, t, gen_pol)
-        qs = self.queries(idx)
-        with self._timed("reward"):
-            p_yes = self.scorer.p_yes(x_theta.float(), x_ref.float(), qs, share_vision=self.share_vision)
-            loss, _ = refl_loss(p_yes, self.cfg.lambda_)
-        return loss, idx, t, p_yes, x_theta
+        order, p_yes, x_thetas = [], [], []
+        for group in shape_buckets(self.conds, idx):  # one bucket (the whole batch) when shapes agree
+            images, masks = stack_conditions(self.conds, group, self.device, self.dtype)
+            with torch.no_grad(), self._timed("condition"):
+                cond = self.rollout.prepare_condition(self.pipe, images, masks, generator=gen)
+            x_ref = self.reference_images(group, cond, gen_ref)
+            x_theta = self.policy_images(group, cond, t, gen_pol)
+            with self._timed("reward"):
+                p_yes += self.scorer.p_yes(x_theta.float(), x_ref.float(), self.queries(group),
+                                           share_vision=self.share_vision)
+            order += group
+            x_thetas.append(x_theta)
+        loss, _ = refl_loss(p_yes, self.cfg.lambda_)  # mean over samples: the bucket order does not matter
+        return loss, order, t, p_yes, x_thetas
 
     def optimizer_step(self, loss):
         with self._timed("backward"):
@@ -586,24 +611,26 @@ def _heldout_oracle(trainer, conds, n: int) -> float:
 
     from .synth import oracle_scores
 
-    idx = list(range(min(n, len(conds))))
-    images, masks = stack_conditions(conds, idx, trainer.device, trainer.dtype)
-    cond = trainer.rollout.prepare_condition(trainer.pipe, images, masks, generator=torch.Generator().manual_seed(0))
-    eps = trainer._noise(len(idx), torch.Generator().manual_seed(12345))
-    emb = trainer.embeds.select([trainer.prompt_index[conds[i].prompt] for i in idx])
-    lat = trainer.rollout.denoise(trainer.policy.transformer, eps, cond, emb, trainer.sigmas, 0,
-                                  len(trainer.sigmas) - 1, guidance=trainer.cfg.guidance,
-                                  true_cfg=trainer.cfg.true_cfg, neg_embeds=trainer._neg(len(idx)))
-    out = trainer.rollout.decode(trainer.pipe, lat, trainer.cfg.resolution, trainer.cfg.resolution)
     def to_pil(x):
         return Image.fromarray((x.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8))
 
     scores = []
-    for k, i in enumerate(idx):
-        c = conds[i]
-        s = oracle_scores(to_pil(c.image), (c.mask[0].numpy() * 255).astype(np.uint8), to_pil(out[k]),
-                          trainer.r.tasks[c.task].dimensions, c.user_prompt)
-        scores.append(sum(s.values()) / len(s))
+    for idx in shape_buckets(conds, range(min(n, len(conds)))):
+        hw = conds[idx[0]].image.shape[-2:]
+        sig = trainer.sigmas(hw)
+        images, masks = stack_conditions(conds, idx, trainer.device, trainer.dtype)
+        cond = trainer.rollout.prepare_condition(trainer.pipe, images, masks, generator=torch.Generator().manual_seed(0))
+        eps = trainer._noise(len(idx), torch.Generator().manual_seed(12345), hw)
+        emb = trainer.embeds.select([trainer.prompt_index[conds[i].prompt] for i in idx])
+        lat = trainer.rollout.denoise(trainer.policy.transformer, eps, cond, emb, sig, 0, len(sig) - 1,
+                                      guidance=trainer.cfg.guidance, true_cfg=trainer.cfg.true_cfg,
+                                      neg_embeds=trainer._neg(len(idx)))
+        out = trainer.rollout.decode(trainer.pipe, lat, *hw)
+        for k, i in enumerate(idx):
+            c = conds[i]
+            s = oracle_scores(to_pil(c.image), (c.mask[0].numpy() * 255).astype(np.uint8), to_pil(out[k]),
+                              trainer.r.tasks[c.task].dimensions, c.user_prompt)
+            scores.append(sum(s.values()) / len(s))
     return float(sum(scores) / len(scores))
 
 

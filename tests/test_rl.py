@@ -130,7 +130,7 @@ def test_gradient_only_through_final_step(trainer):
     # reference rollout (rollout_steps calls, no grad) + policy no-grad steps t + exactly one grad call
     assert calls.count(True) == 1
     assert calls[-1] is True
-    assert x_theta.requires_grad
+    assert len(x_theta) == 1 and x_theta[0].requires_grad  # one shape bucket: every condition is square
     loss.backward()
     grads = [p.grad for p in trainer.policy.trainable.values()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
@@ -400,3 +400,32 @@ def test_float16_training_is_refused(conditions, zoo, tmp_path):
     with pytest.raises(rl.InputError, match="dtype: training in float16 needs loss scaling"):
         rl.run(recipe("dtype=float16"), conditions, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def test_conditions_keep_their_aspect_ratio_and_batches_bucket_by_shape(zoo, tmp_path):
+    d = tmp_path / "wide"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    recs = []
+    for i, (w, h) in enumerate([(32, 32), (128, 32), (32, 32), (128, 32)]):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(d / f"src{i}.png")
+        m = np.zeros((h, w), np.uint8)
+        m[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
+        Image.fromarray(m).save(d / f"m{i}.png")
+        recs.append({"id": f"s{i}", "task": "fill", "source": f"src{i}.png", "mask": f"m{i}.png", "prompt": "a red circle"})
+    (d / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    r = recipe("rl.batch_size=3", "tasks.fill.probability=1", "tasks.extend.probability=0",
+               "tasks.extend_no_prompt.probability=0", "tasks.removal.probability=0")
+    conds = rl.load_conditions(r, d / "triplets.jsonl")
+    # about rl.resolution**2 pixels at the source's 4:1 aspect ratio, as generate sizes its conditions
+    assert [tuple(c.image.shape[1:]) for c in conds] == [(32, 32), (16, 64), (32, 32), (16, 64)]
+    assert all(c.mask.shape[1:] == c.image.shape[1:] for c in conds)
+    tr = rl.Trainer(r, conds, r.models.reward, dynamic=False)
+    step = next(s for s in range(50) if len(rl.shape_buckets(conds, rl.sample_batch(r, conds, tr.by_task, s)[0])) == 2)
+    loss, idx, t, p_yes, x_theta = tr.step(step)
+    assert sorted(tuple(x.shape[2:]) for x in x_theta) == [(16, 64), (32, 32)]
+    assert len(p_yes) == len(idx) == r.rl.batch_size and torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.params)
+    tr.opt.zero_grad(set_to_none=True)
+    assert 0.0 <= rl.heldout_oracle(tr, conds) <= 1.0
