@@ -8,8 +8,8 @@ import torch
 
 
 def lr_factor(step: int, warmup: int, schedule: str = "constant", total: int = 0) -> float:
-    """(recipe.LR_SCHEDULES) Multiplier of the base lr for optimizer step `step` (0-based): linear warmup over `warmup` steps,
-    then constant, or a cosine / linear decay that reaches 0 just after step `total` - 1."""
+    """Multiplier of the base lr for optimizer step `step` (0-based): linear warmup over `warmup` steps,
+    then (recipe.LR_SCHEDULES) constant, or a cosine / linear decay reaching 0 just after step `total` - 1."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":

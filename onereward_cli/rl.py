@@ -619,7 +619,8 @@ def _heldout_oracle(trainer, conds, n: int) -> float:
         hw = conds[idx[0]].image.shape[-2:]
         sig = trainer.sigmas(hw)
         images, masks = stack_conditions(conds, idx, trainer.device, trainer.dtype)
-        cond = trainer.rollout.prepare_condition(trainer.pipe, images, masks, generator=torch.Generator().manual_seed(0))
+        cond = trainer.rollout.prepare_condition(trainer.pipe, images, masks,
+                                                 generator=torch.Generator().manual_seed(0))
         eps = trainer._noise(len(idx), torch.Generator().manual_seed(12345), hw)
         emb = trainer.embeds.select([trainer.prompt_index[conds[i].prompt] for i in idx])
         lat = trainer.rollout.denoise(trainer.policy.transformer, eps, cond, emb, sig, 0, len(sig) - 1,

@@ -154,7 +154,8 @@ def test_reward_activation_checkpointing_keeps_the_gradient(trainer, conditions,
     ck = rl.Trainer(r, rl.load_conditions(r, conditions), r.models.reward, dynamic=False)
     from onereward_cli.models.qwen_vl import unwrap
 
-    assert unwrap(ck.scorer.model).is_gradient_checkpointing and not unwrap(trainer.scorer.model).is_gradient_checkpointing
+    assert unwrap(ck.scorer.model).is_gradient_checkpointing
+    assert not unwrap(trainer.scorer.model).is_gradient_checkpointing
     (la, ga), (lb, gb) = _step_grads(trainer), _step_grads(ck)
     assert torch.allclose(la, lb, atol=1e-6)
     assert sum(g.abs().sum() for g in ga.values()) > 0
@@ -412,7 +413,8 @@ def test_conditions_keep_their_aspect_ratio_and_batches_bucket_by_shape(zoo, tmp
         m = np.zeros((h, w), np.uint8)
         m[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
         Image.fromarray(m).save(d / f"m{i}.png")
-        recs.append({"id": f"s{i}", "task": "fill", "source": f"src{i}.png", "mask": f"m{i}.png", "prompt": "a red circle"})
+        recs.append({"id": f"s{i}", "task": "fill", "source": f"src{i}.png", "mask": f"m{i}.png",
+                     "prompt": "a red circle"})
     (d / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     r = recipe("rl.batch_size=3", "tasks.fill.probability=1", "tasks.extend.probability=0",
                "tasks.extend_no_prompt.probability=0", "tasks.removal.probability=0")
