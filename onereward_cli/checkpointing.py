@@ -1,9 +1,26 @@
 """Training state as safetensors + JSON (nothing pickled), shared by `train-reward` and `rl`."""
 from __future__ import annotations
 
+import math
 import random
 
 import torch
+
+
+def lr_factor(step: int, warmup: int, schedule: str = "constant", total: int = 0) -> float:
+    """Multiplier of the base lr for optimizer step `step` (0-based): linear warmup over `warmup` steps,
+    then (recipe.LR_SCHEDULES) constant, or a cosine / linear decay reaching 0 just after step `total` - 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+
+
+def make_scheduler(optimizer, warmup: int, schedule: str = "constant", total: int = 0):
+    """A LambdaLR over `lr_factor`; its state_dict (the step counter) is JSON, the lambda is rebuilt."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, schedule, total))
 
 
 def optimizer_to_files(optimizer) -> tuple[dict, dict]:

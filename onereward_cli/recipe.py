@@ -165,10 +165,13 @@ class RewardConfig:
     train_vision: bool = False
     train_merger: bool = True
     gradient_checkpointing: bool = False
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "no"  # no | bf16 (fp16 is refused: no loss scaling)
     eval_every: int = 50
     save_every: int = 50
     max_grad_norm: float = 1.0
+
+
+LR_SCHEDULES = ("constant", "cosine", "linear")  # after the warmup (checkpointing.lr_factor)
 
 
 @dataclass(frozen=True)
@@ -192,8 +195,13 @@ class RLConfig:
     lora_alpha: int = 8
     cache_reference: bool = True
     gradient_checkpointing: bool = False
+    # Recompute the reward VLM's blocks in the backward to the pixels (less memory, more time).
+    reward_activation_checkpointing: bool = False
     mixed_precision: str = "no"
     max_grad_norm: float = 1.0
+    # Learning rate: linear warmup over lr_warmup steps, then constant | cosine | linear decay to 0 at rl.steps.
+    lr_warmup: int = 0
+    lr_schedule: str = "constant"
     max_nonfinite: int = 5
     save_every: int = 10
     eval_every: int = 0
@@ -508,7 +516,8 @@ def validate(r: Recipe) -> Recipe:
     _check(w.batch_size > 0, "reward.batch_size", "must be positive")
     _check(w.image_size > 0 and w.image_size % 28 == 0, "reward.image_size", "must be a positive multiple of 28")
     _check(w.grad_accum >= 1, "reward.grad_accum", "must be >= 1")
-    _check(w.mixed_precision in ("no", "bf16", "fp16"), "reward.mixed_precision", "must be no, bf16 or fp16")
+    _check(w.mixed_precision in ("no", "bf16"), "reward.mixed_precision",
+           "must be no or bf16 (fp16 needs loss scaling, which is not implemented)")
     _check(w.epochs >= 1 or w.max_steps > 0, "reward.epochs", "must be >= 1 (or set reward.max_steps)")
     _check(w.max_steps >= 0, "reward.max_steps", "must be >= 0 (0 = epochs decide)")
     _check(w.eval_every >= 0 and w.save_every >= 0, "reward.eval_every", "must be >= 0 (0 = only at the end)")
@@ -531,8 +540,11 @@ def validate(r: Recipe) -> Recipe:
     _check(0 < q.lambda_ <= 1, "rl.lambda", "reward upper bound must be in (0, 1]")
     _check(0 <= q.tau < 1, "rl.tau", "EMA decay must be in [0, 1)")
     _check(q.resolution > 0 and q.resolution % 16 == 0, "rl.resolution", "must be a positive multiple of 16")
-    _check(q.mixed_precision in ("no", "bf16", "fp16"), "rl.mixed_precision", "must be no, bf16 or fp16")
+    _check(q.mixed_precision in ("no", "bf16"), "rl.mixed_precision",
+           "must be no or bf16 (fp16 needs loss scaling, which is not implemented)")
     _check(q.steps >= 1, "rl.steps", "must be >= 1")
+    _check(q.lr_warmup >= 0, "rl.lr_warmup", "must be >= 0 (steps)")
+    _check(q.lr_schedule in LR_SCHEDULES, "rl.lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
     _check(q.save_every >= 0 and q.eval_every >= 0, "rl.save_every", "must be >= 0")
     _check(q.heldout_n >= 1, "rl.heldout_n", "must be >= 1")
     e = r.eval

@@ -107,6 +107,29 @@ def p_yes_from_logits(logits: torch.Tensor, yes_id: int, no_id: int, normalise: 
 # ----------------------------------------------------------------------------------------------
 # The scorer
 # ----------------------------------------------------------------------------------------------
+_WARNED_NO_SIZE: set[str] = set()
+
+
+def check_trained_size(trained_with: dict, image_size: int, max_pixels: int, meta_path):
+    """A judge trained on images of one pixel budget scores another budget as a different function:
+    refuse the mismatch. Records written before `image_size` was kept: warn once per model."""
+    if "image_size" not in trained_with:
+        if str(meta_path) not in _WARNED_NO_SIZE:
+            _WARNED_NO_SIZE.add(str(meta_path))
+            import warnings
+
+            warnings.warn(f"{meta_path}: no image_size recorded; cannot check that reward.image_size={image_size} "
+                          "is the size this reward model was trained at", UserWarning, stacklevel=3)
+        return
+    if trained_with["image_size"] != image_size:
+        raise InputError(f"the reward model was trained at {trained_with['image_size']} px, the recipe says "
+                         f"{image_size}: set reward.image_size={trained_with['image_size']}", path=meta_path,
+                         field="reward.image_size")
+    if "max_pixels" in trained_with and trained_with["max_pixels"] != max_pixels:
+        raise InputError(f"the reward model was trained with at most {trained_with['max_pixels']} pixels per image, "
+                         f"this processor allows {max_pixels}", path=meta_path, field="reward.image_size")
+
+
 class RewardScorer:
     """A Qwen2/2.5-VL checkpoint asked "is the first image better than the second?".
 
@@ -124,6 +147,9 @@ class RewardScorer:
         self.path = path
         self.trained_with = trained_with
         self.image_processor = TorchImageProcessor(processor.image_processor, max_pixels=max_pixels)
+        self.model_dtype = next(model.parameters()).dtype  # what the checkpoint was loaded in
+        # Set by train-reward when fp32 master weights sit next to bf16 ones: forwards run under autocast.
+        self.autocast_dtype: torch.dtype | None = None
         self.prompts = PromptBuilder(processor)
         # What computes logits; train-reward swaps in the accelerate-prepared (DDP/FSDP) wrapper.
         self.judge = Judge(model)
@@ -155,8 +181,11 @@ class RewardScorer:
                 warnings.warn(f"reward model {path} was trained with " + ", ".join(
                     f"reward.{k}={trained_with[k]!r}" for k in differ) + " but the recipe says " + ", ".join(
                     f"{getattr(reward_cfg, k)!r}" for k in differ), UserWarning, stacklevel=2)
-        return cls(model, processor, yes_id=yes_id, no_id=no_id, normalise=reward_cfg.normalise,
-                   max_pixels=reward_cfg.image_size ** 2, path=path, trained_with=trained_with)
+        scorer = cls(model, processor, yes_id=yes_id, no_id=no_id, normalise=reward_cfg.normalise,
+                     max_pixels=reward_cfg.image_size ** 2, path=path, trained_with=trained_with)
+        if trained_with is not None and not trainable:  # training may move a judge to a new size on purpose
+            check_trained_size(trained_with, reward_cfg.image_size, scorer.image_processor.max_pixels, meta_path)
+        return scorer
 
     @property
     def device(self) -> torch.device:
@@ -200,7 +229,15 @@ class RewardScorer:
         """(S, V) float32 answer-position logits; the ViT runs once per unique image."""
         if not seqs:
             return torch.zeros((0, 0), device=self.device)
-        return self.judge(**self.batch(images, seqs).as_kwargs()).float()
+        with self._autocast():
+            return self.judge(**self.batch(images, seqs).as_kwargs()).float()
+
+    def _autocast(self):
+        import contextlib
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def logits_per_query(self, images, seqs: list[tuple[int, int, str]]) -> torch.Tensor:
         """Reference path: one plain `model(pixel_values=...)` forward per sequence (no sharing)."""
@@ -214,8 +251,9 @@ class RewardScorer:
         for i, j, q in seqs:
             text = self.prompts.batch([(q, sizes[i] // merge2, sizes[j] // merge2)], device=self.device)
             pv = torch.cat([pixel_values[starts[i]:starts[i + 1]], pixel_values[starts[j]:starts[j + 1]]])
-            out = self.model(pixel_values=pv, image_grid_thw=grid[[i, j]].to(self.device), use_cache=False,
-                             logits_to_keep=1, **text)
+            with self._autocast():
+                out = self.model(pixel_values=pv, image_grid_thw=grid[[i, j]].to(self.device), use_cache=False,
+                                 logits_to_keep=1, **text)
             rows.append(out.logits[:, -1].float())
         return torch.cat(rows)
 

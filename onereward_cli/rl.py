@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from .artifacts import (RunManifest, append_jsonl, load_tensors, open_image, read_jsonl, save_tensors,
                         write_json)
-from .checkpointing import optimizer_from_files, optimizer_to_files
+from .checkpointing import make_scheduler, optimizer_from_files, optimizer_to_files
 from .errors import InputError
 from .recipe import resolve_device, torch_dtype
-from .tasks import TASK_KEYS, check_mask, task_prompt
+from .tasks import TASK_KEYS, check_mask, fit_size, task_prompt
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
@@ -95,9 +95,10 @@ def load_conditions(recipe, data) -> list[Condition]:
         if msk.size != img.size:
             raise InputError(f"mask is {msk.size[0]}x{msk.size[1]}, image is {img.size[0]}x{img.size[1]}",
                              path=f, line=line, field="mask")
-        m = np.asarray(msk.resize((res, res), Image.NEAREST)) >= 128
+        size = fit_size(*img.size, res)  # about res**2 pixels at the condition's own aspect ratio (as generate)
+        m = np.asarray(msk.resize(size, Image.NEAREST)) >= 128
         check_mask(m.astype(np.uint8), task, path=f, line=line)
-        x = torch.from_numpy(np.asarray(img.resize((res, res), Image.BICUBIC), dtype=np.float32) / 255.0)
+        x = torch.from_numpy(np.asarray(img.resize(size, Image.BICUBIC), dtype=np.float32) / 255.0)
         out.append(Condition(sid, task, task_prompt(tcfg, user_prompt), user_prompt if tcfg.fixed_prompt is None else "",
                              x.permute(2, 0, 1).contiguous(), torch.from_numpy(m.astype(np.float32))[None]))
     if not out:
@@ -173,16 +174,18 @@ class Policy:
                 torch.manual_seed(seed)
                 transformer.add_adapter(LoraConfig(r=rl_cfg.lora_rank, lora_alpha=rl_cfg.lora_alpha,
                                                    init_lora_weights="gaussian", target_modules=names))
-            for p in transformer.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()  # fp32 master weights for the small LoRA gradients
         else:
             transformer.requires_grad_(True)
+        self.reference = None
+        if not self.lora and not dynamic:  # copied before the upcast: the frozen reference stays in `dtype`
+            self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+        # fp32 master weights: AdamW's steps (~lr) are below half a bf16 ulp for most weights and would be
+        # rounded away. The forward runs under autocast in the recipe's dtype (Trainer.autocast).
+        for p in transformer.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
         self.trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         self.ema = {n: p.detach().clone().float() for n, p in self.trainable.items()}
-        self.reference = None
-        if not self.lora and not dynamic:
-            self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
 
     @contextlib.contextmanager
     def reference_transformer(self):
@@ -236,17 +239,42 @@ def policy_settings(recipe) -> dict:
                             {k: t.fixed_prompt for k, t in recipe.tasks.items() if t.fixed_prompt is not None})
 
 
-def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool, extra: dict | None = None):
+def lora_metadata(transformer) -> dict:
+    """The trained adapter's peft LoraConfig as a dict (what diffusers' training scripts save)."""
+    return transformer.peft_config["default"].to_dict()
+
+
+@contextlib.contextmanager
+def stored_in(module, dtype):
+    """Temporarily hold every floating parameter in `dtype` (to save fp32 masters in the model's dtype)."""
+    stash = {}
+    for p in module.parameters():
+        if p.dtype != dtype and p.is_floating_point():
+            stash[p] = p.data
+            p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in stash.items():
+            p.data = data
+
+
+def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool, extra: dict | None = None,
+                    dtype=None):
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if lora:
         from peft.utils import get_peft_model_state_dict
 
+        # The adapter config (rank, alpha, targets) goes into the safetensors header: without it
+        # load_lora_weights assumes alpha = rank and reloads a different function.
         pipe_cls.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                   transformer_lora_adapter_metadata=lora_metadata(transformer),
                                    safe_serialization=True)
     else:
-        transformer.save_pretrained(tmp, safe_serialization=True)
+        with stored_in(transformer, dtype) if dtype is not None else contextlib.nullcontext():
+            transformer.save_pretrained(tmp, safe_serialization=True)
     write_json(tmp / "onereward_policy.json", {"base": base, "kind": "lora" if lora else "transformer", **(extra or {})})
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
@@ -266,11 +294,31 @@ def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: 
     save_tensors(tmp / "optimizer.safetensors", ot or {"_empty": torch.zeros(1)})
     save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
     write_json(tmp / "state.json", {"step": step, "optimizer": ometa, "scheduler": sched.state_dict(),
-                                    "counters": counters})
+                                    "lr_schedule": lr_record(policy.cfg), "counters": counters})
     shutil.rmtree(ck, ignore_errors=True)
     tmp.rename(ck)
     write_json(out / "checkpoints" / "latest.json", {"step": step, "path": ck.name})
     return ck
+
+
+def lr_record(cfg) -> dict:
+    return {"lr_warmup": cfg.lr_warmup, "lr_schedule": cfg.lr_schedule, "steps": cfg.steps}
+
+
+def check_lr_record(saved: dict | None, now: dict, ck: Path):
+    """Resuming under another schedule would not continue the same run: refuse it. More rl.steps
+    is how a run is extended; with a decaying schedule that stretches the rest of the decay."""
+    if saved is None:  # checkpoints from before the schedule keys: the old constant lr
+        saved = {"lr_warmup": 0, "lr_schedule": "constant"}
+    for k in ("lr_warmup", "lr_schedule"):
+        if saved[k] != now[k]:
+            raise InputError(f"cannot resume: the checkpoint was trained with {saved[k]!r}, the recipe says "
+                             f"{now[k]!r}", path=ck, field=f"rl.{k}")
+    if now["lr_schedule"] != "constant" and saved.get("steps", now["steps"]) != now["steps"]:
+        import warnings
+
+        warnings.warn(f"{ck}: rl.steps changed from {saved['steps']} to {now['steps']}: the {now['lr_schedule']} "
+                      "decay is stretched over the new total from here on", UserWarning, stacklevel=3)
 
 
 def load_checkpoint(out: Path, policy: Policy, opt, sched) -> tuple[int, dict]:
@@ -280,6 +328,7 @@ def load_checkpoint(out: Path, policy: Policy, opt, sched) -> tuple[int, dict]:
     info = json.loads(latest.read_text())
     ck = out / "checkpoints" / info["path"]
     state = json.loads((ck / "state.json").read_text())
+    check_lr_record(state.get("lr_schedule"), lr_record(policy.cfg), ck)
     policy.load_state_tensors(load_tensors(ck / "policy.safetensors"), load_tensors(ck / "ema.safetensors"))
     ot = {k: v for k, v in load_tensors(ck / "optimizer.safetensors").items() if k != "_empty"}
     opt.load_state_dict(optimizer_from_files(ot, state["optimizer"]))
@@ -336,6 +385,14 @@ def plot_reward_curves(log_path: Path, png: Path, window: int = 5):
 # ----------------------------------------------------------------------------------------------
 # The training loop
 # ----------------------------------------------------------------------------------------------
+def shape_buckets(conds, idx) -> list[list[int]]:
+    """idx split by image size, buckets in order of first appearance (a batch must share one size)."""
+    buckets: dict[tuple, list[int]] = {}
+    for i in idx:
+        buckets.setdefault(tuple(conds[i].image.shape), []).append(i)
+    return list(buckets.values())
+
+
 def stack_conditions(conds, idx, device, dtype):
     images = torch.stack([conds[i].image for i in idx]).to(device, dtype)
     masks = torch.stack([conds[i].mask for i in idx]).to(device, dtype)
@@ -355,6 +412,13 @@ class Trainer:
         self.acc = accelerator
         self.device = accelerator.device if accelerator is not None else torch.device(resolve_device(recipe.device))
         self.dtype = torch_dtype(recipe.dtype)
+        if self.dtype == torch.float16:
+            raise InputError("training in float16 needs loss scaling, which rl does not implement: use bfloat16 "
+                             "(or float32 with rl.mixed_precision: bf16)", field="dtype")
+        # Trainable weights are fp32 masters; the forward computes in bf16 when the recipe asks for it
+        # (dtype bfloat16 for the frozen weights, or rl.mixed_precision bf16).
+        bf16 = self.dtype == torch.bfloat16 or self.cfg.mixed_precision == "bf16"
+        self.compute_dtype = torch.bfloat16 if bf16 else None
         self.conds = conds
         self.by_task: dict[str, list[int]] = {}
         for i, c in enumerate(conds):
@@ -377,17 +441,24 @@ class Trainer:
             self.pipe.vae.enable_gradient_checkpointing()
         self.policy = Policy(self.pipe.transformer, self.cfg, dynamic, seed=recipe.seed)
         self.scorer = RewardScorer.load(reward_spec, recipe.reward, device=self.device, dtype=self.dtype)
+        if self.cfg.reward_activation_checkpointing:
+            self.scorer.enable_activation_checkpointing()
         self.params = list(self.policy.trainable.values())
         self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr, weight_decay=0.0)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(1.0, (s + 1) / 1.0))
+        self.sched = make_scheduler(self.opt, self.cfg.lr_warmup, self.cfg.lr_schedule, self.cfg.steps)
         self.ref_cache: dict[int, torch.Tensor] = {}
-        self.sigmas = rollout.make_sigmas(self.pipe, self.cfg.rollout_steps, self.cfg.resolution, self.cfg.resolution)
+        self._sigmas: dict[tuple[int, int], torch.Tensor] = {}
         self.timers: dict[str, float] = {}
         # One vision pass per image pair for all of its dimension queries (False: one forward per query,
         # kept for the benchmark's naive baseline).
         self.share_vision = True
 
     # -- pieces ------------------------------------------------------------------------------
+    def autocast(self):
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
     def _embeds(self, idx):
         return self.embeds.select([self.prompt_index[self.conds[i].prompt] for i in idx])
 
@@ -404,51 +475,61 @@ class Trainer:
             torch.cuda.synchronize()
         self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - t
 
-    def _noise(self, n, gen):
-        res = self.cfg.resolution
-        return self.rollout.initial_latents(self.pipe, n, res, res, gen, self.device, self.dtype)
+    def sigmas(self, hw) -> torch.Tensor:
+        """The rollout schedule for images of size hw = (H, W): FLUX's shift depends on the token count."""
+        hw = tuple(int(v) for v in hw)
+        if hw not in self._sigmas:
+            self._sigmas[hw] = self.rollout.make_sigmas(self.pipe, self.cfg.rollout_steps, *hw)
+        return self._sigmas[hw]
+
+    def _noise(self, n, gen, hw):
+        return self.rollout.initial_latents(self.pipe, n, *hw, gen, self.device, self.dtype)
 
     @torch.no_grad()
-    def _reference_rollout(self, cond, emb, eps):
+    def _reference_rollout(self, cond, emb, eps, hw):
+        sig = self.sigmas(hw)
         with self._timed("reference_rollout"), self.policy.reference_transformer() as ref:
-            lat = self.rollout.denoise(ref, eps, cond, emb, self.sigmas, 0, len(self.sigmas) - 1,
+            lat = self.rollout.denoise(ref, eps, cond, emb, sig, 0, len(sig) - 1,
                                        guidance=self.cfg.guidance, true_cfg=self.cfg.true_cfg,
                                        neg_embeds=self._neg(eps.shape[0]))
-            return self.rollout.decode(self.pipe, lat, self.cfg.resolution, self.cfg.resolution)
+            return self.rollout.decode(self.pipe, lat, *hw)
 
     @torch.no_grad()
-    def reference_images(self, idx, cond, gen_ref):
+    def reference_images(self, idx, cond, gen_ref):  # idx: conditions of one shape
         """x_ref for each sample (Alg. 1 line 7).
 
         Static mode with rl.cache_reference: x_ref is a function of (c, eps_1) alone, so eps_1 and the
         VAE sample of the condition are drawn from a generator seeded by the condition, each one is
         rolled out on its own (batch-size independent numerics) and reused in later epochs.
         """
+        hw = self.conds[idx[0]].image.shape[-2:]
         if not (self.cfg.cache_reference and not self.dynamic):
-            return self._reference_rollout(cond, self._embeds(idx), self._noise(len(idx), gen_ref))
+            return self._reference_rollout(cond, self._embeds(idx), self._noise(len(idx), gen_ref, hw), hw)
         for i in idx:
             if i not in self.ref_cache:
                 g = torch.Generator().manual_seed(self.r.seed * 7_777 + i)
                 image, mask = stack_conditions(self.conds, [i], self.device, self.dtype)
                 c1 = self.rollout.prepare_condition(self.pipe, image, mask, generator=g)
-                self.ref_cache[i] = self._reference_rollout(c1, self._embeds([i]), self._noise(1, g))[0]
+                self.ref_cache[i] = self._reference_rollout(c1, self._embeds([i]), self._noise(1, g, hw), hw)[0]
         return torch.stack([self.ref_cache[i] for i in idx])
 
     def policy_images(self, idx, cond, t, gen_pol):
         """x_theta: no-grad rollout to step t, then one step with grad predicting x0, decoded with grad."""
         tr = self.policy.transformer
         emb = self._embeds(idx)
-        eps = self._noise(len(idx), gen_pol)
+        hw = self.conds[idx[0]].image.shape[-2:]
+        sig = self.sigmas(hw)
+        eps = self._noise(len(idx), gen_pol, hw)
         with self._timed("policy_rollout"):
             with torch.no_grad():
-                x_t = self.rollout.denoise(tr, eps, cond, emb, self.sigmas, 0, t, guidance=self.cfg.guidance,
+                x_t = self.rollout.denoise(tr, eps, cond, emb, sig, 0, t, guidance=self.cfg.guidance,
                                            true_cfg=self.cfg.true_cfg, neg_embeds=self._neg(len(idx)))
-            sigma = self.sigmas[t]
+            sigma = sig[t]
             v = self.rollout.velocity(tr, x_t.detach(), cond, emb, sigma, guidance=self.cfg.guidance,
                                       true_cfg=self.cfg.true_cfg, neg_embeds=self._neg(len(idx)))
             x0 = self.rollout.predict_x0(x_t.detach(), v, sigma)
         with self._timed("decode"):
-            return self.rollout.decode(self.pipe, x0, self.cfg.resolution, self.cfg.resolution)
+            return self.rollout.decode(self.pipe, x0, *hw)
 
     def queries(self, idx):
         out = []
@@ -461,19 +542,29 @@ class Trainer:
 
     # -- one iteration -----------------------------------------------------------------------
     def step(self, step: int, rank: int = 0):
+        with self.autocast():
+            return self._step(step, rank)
+
+    def _step(self, step: int, rank: int):
+        """Returns (loss, idx, t, p_yes, x_theta): idx in shape-bucket order, p_yes per sample of idx,
+        x_theta one (n, 3, H, W) tensor per bucket."""
         idx, t, gen = sample_batch(self.r, self.conds, self.by_task, step, rank)
         gen_ref = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         gen_pol = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        images, masks = stack_conditions(self.conds, idx, self.device, self.dtype)
-        with torch.no_grad(), self._timed("condition"):
-            cond = self.rollout.prepare_condition(self.pipe, images, masks, generator=gen)
-        x_ref = self.reference_images(idx, cond, gen_ref)
-        x_theta = self.policy_images(idx, cond, t, gen_pol)
-        qs = self.queries(idx)
-        with self._timed("reward"):
-            p_yes = self.scorer.p_yes(x_theta.float(), x_ref.float(), qs, share_vision=self.share_vision)
-            loss, _ = refl_loss(p_yes, self.cfg.lambda_)
-        return loss, idx, t, p_yes, x_theta
+        order, p_yes, x_thetas = [], [], []
+        for group in shape_buckets(self.conds, idx):  # one bucket (the whole batch) when shapes agree
+            images, masks = stack_conditions(self.conds, group, self.device, self.dtype)
+            with torch.no_grad(), self._timed("condition"):
+                cond = self.rollout.prepare_condition(self.pipe, images, masks, generator=gen)
+            x_ref = self.reference_images(group, cond, gen_ref)
+            x_theta = self.policy_images(group, cond, t, gen_pol)
+            with self._timed("reward"):
+                p_yes += self.scorer.p_yes(x_theta.float(), x_ref.float(), self.queries(group),
+                                           share_vision=self.share_vision)
+            order += group
+            x_thetas.append(x_theta)
+        loss, _ = refl_loss(p_yes, self.cfg.lambda_)  # mean over samples: the bucket order does not matter
+        return loss, order, t, p_yes, x_thetas
 
     def optimizer_step(self, loss):
         with self._timed("backward"):
@@ -510,30 +601,39 @@ def _rewards_by_key(trainer, idx, p_yes):
 def heldout_oracle(trainer, conds, n: int = 4) -> float:
     """Mean oracle score of full policy rollouts on held-out conditions (fixed seeds): a reward-hacking
     alarm that does not use the reward model."""
+    with trainer.autocast():
+        return _heldout_oracle(trainer, conds, n)
+
+
+def _heldout_oracle(trainer, conds, n: int) -> float:
     import numpy as np
     from PIL import Image
 
     from .synth import oracle_scores
 
-    # Evenly spaced, so a benchmark ordered by task contributes every task.
-    idx = sorted({k * len(conds) // min(n, len(conds)) for k in range(min(n, len(conds)))})
-    images, masks = stack_conditions(conds, idx, trainer.device, trainer.dtype)
-    cond = trainer.rollout.prepare_condition(trainer.pipe, images, masks, generator=torch.Generator().manual_seed(0))
-    eps = trainer._noise(len(idx), torch.Generator().manual_seed(12345))
-    emb = trainer.embeds.select([trainer.prompt_index[conds[i].prompt] for i in idx])
-    lat = trainer.rollout.denoise(trainer.policy.transformer, eps, cond, emb, trainer.sigmas, 0,
-                                  len(trainer.sigmas) - 1, guidance=trainer.cfg.guidance,
-                                  true_cfg=trainer.cfg.true_cfg, neg_embeds=trainer._neg(len(idx)))
-    out = trainer.rollout.decode(trainer.pipe, lat, trainer.cfg.resolution, trainer.cfg.resolution)
     def to_pil(x):
         return Image.fromarray((x.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8))
 
     scores = []
-    for k, i in enumerate(idx):
-        c = conds[i]
-        s = oracle_scores(to_pil(c.image), (c.mask[0].numpy() * 255).astype(np.uint8), to_pil(out[k]),
-                          trainer.r.tasks[c.task].dimensions, c.user_prompt)
-        scores.append(sum(s.values()) / len(s))
+    # Evenly spaced, so a benchmark ordered by task contributes every task.
+    spread = sorted({k * len(conds) // min(n, len(conds)) for k in range(min(n, len(conds)))})
+    for idx in shape_buckets(conds, spread):
+        hw = conds[idx[0]].image.shape[-2:]
+        sig = trainer.sigmas(hw)
+        images, masks = stack_conditions(conds, idx, trainer.device, trainer.dtype)
+        cond = trainer.rollout.prepare_condition(trainer.pipe, images, masks,
+                                                 generator=torch.Generator().manual_seed(0))
+        eps = trainer._noise(len(idx), torch.Generator().manual_seed(12345), hw)
+        emb = trainer.embeds.select([trainer.prompt_index[conds[i].prompt] for i in idx])
+        lat = trainer.rollout.denoise(trainer.policy.transformer, eps, cond, emb, sig, 0, len(sig) - 1,
+                                      guidance=trainer.cfg.guidance, true_cfg=trainer.cfg.true_cfg,
+                                      neg_embeds=trainer._neg(len(idx)))
+        out = trainer.rollout.decode(trainer.pipe, lat, *hw)
+        for k, i in enumerate(idx):
+            c = conds[i]
+            s = oracle_scores(to_pil(c.image), (c.mask[0].numpy() * 255).astype(np.uint8), to_pil(out[k]),
+                              trainer.r.tasks[c.task].dimensions, c.user_prompt)
+            scores.append(sum(s.values()) / len(s))
     return float(sum(scores) / len(scores))
 
 
@@ -573,8 +673,7 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
                   disable=not acc.is_main_process) as prog:
         bar = prog.add_task("rl", total=cfg.steps, completed=start, info="")
         for step in range(start, cfg.steps):
-            with acc.autocast():
-                loss, idx, t, p_yes, _ = trainer.step(step, rank)
+            loss, idx, t, p_yes, _ = trainer.step(step, rank)  # under the trainer's autocast
             finite = torch.isfinite(loss.detach()).float().reshape(1)
             if acc.num_processes > 1:  # every rank skips together, or the gradient all-reduce would hang
                 torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -587,9 +686,10 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
                     raise RuntimeError(f"aborting: {counters['nonfinite']} non-finite losses (rl.max_nonfinite)")
                 prog.advance(bar)
                 continue
+            lr = trainer.sched.get_last_lr()[0]  # the lr this step trains with
             gn = trainer.optimizer_step(loss)
             rewards = _rewards_by_key(trainer, idx, p_yes)
-            rec = {"step": step + 1, "loss": float(loss.detach()), "t": t, "grad_norm": gn, "lr": trainer.sched.get_last_lr()[0],
+            rec = {"step": step + 1, "loss": float(loss.detach()), "t": t, "grad_norm": gn, "lr": lr,
                    "rewards": rewards, "mean_reward": float(torch.cat([p.detach().float() for p in p_yes]).mean())}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 rec["heldout_oracle"] = heldout_oracle(trainer, heldout_conds, n=cfg.heldout_n)
@@ -612,10 +712,10 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
 
         tr = trainer.policy.transformer
         save_policy_dir(FluxFillPipeline, tr, out / "policy", recipe.models.policy, trainer.policy.lora,
-                        policy_settings(recipe))
+                        policy_settings(recipe), dtype=trainer.dtype)
         with trainer.policy.swapped_in_ema():
             save_policy_dir(FluxFillPipeline, tr, out / "ema", recipe.models.policy, trainer.policy.lora,
-                            policy_settings(recipe))
+                            policy_settings(recipe), dtype=trainer.dtype)
         png = plot_reward_curves(log_path, out / "reward_curves.png") if log_path.exists() else None
         if tb is not None:
             tb.close()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpointing import optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files
+from .checkpointing import make_scheduler, optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files
 from .errors import InputError
 from .reward import (REWARD_META, ImageCache, RewardScorer, accuracy_report, accuracy_table, build_query,
                      eq3_loss, load_pairs, pair_batch_inputs, save_accuracy, score_pairs, yes_no_logprobs)
@@ -113,6 +113,11 @@ def setup_trainable(model, w):
     visual = unwrap(model).model.visual
     visual.requires_grad_(w.train_vision)
     visual.merger.requires_grad_(w.train_merger)
+    # fp32 master weights for everything trained (a no-op in a float32 recipe; peft already keeps LoRA
+    # in fp32): AdamW's ~lr steps would round away in bf16 weights. The forward runs under autocast.
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     if w.gradient_checkpointing:
         base = unwrap(model)
         fn = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
@@ -123,13 +128,6 @@ def setup_trainable(model, w):
 
 def trainable_named(model) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def make_scheduler(optimizer, warmup: int):
-    def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +194,9 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
     w = r.reward
     out = Path(out)
     console = Console()
+    if r.dtype == "float16":
+        raise InputError("training in float16 needs loss scaling, which train-reward does not implement: use "
+                         "bfloat16 or float32 (with reward.mixed_precision: bf16)", field="dtype")
 
     # -- validate everything before anything is written ---------------------------------------
     train_path, test_path = find_pairs_files(pairs_dir)
@@ -238,6 +239,8 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
     # LoRA starts as an exact no-op (B = 0) and freezing changes no output, so the baseline
     # evaluation below still measures the untuned model.
     model = setup_trainable(scorer.model, w)
+    if scorer.model_dtype == torch.bfloat16 or w.mixed_precision == "bf16":
+        scorer.autocast_dtype = torch.bfloat16  # fp32 masters next to bf16 frozen weights, baseline eval too
     named = trainable_named(model)
     if not named:
         raise InputError("nothing to train: enable LoRA, full fine-tuning, train_vision or train_merger",
@@ -435,11 +438,12 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
             base.save_pretrained(tmp, state_dict={k.removeprefix("model."): v for k, v in full_state.items()})
         else:
             merged = unwrapped.merge_and_unload() if w.lora else unwrapped
-            merged.save_pretrained(tmp)
+            merged.to(scorer.model_dtype).save_pretrained(tmp)  # the masters are saved in the model's dtype
         processor.save_pretrained(tmp)
         write_json(tmp / REWARD_META, {"base": r.models.reward, "query_mode": w.query_mode, "bold": w.bold,
                                        "normalise": w.normalise, "yes_token": w.yes_token, "no_token": w.no_token,
-                                       "image_size": w.image_size, "steps": step, "lora_merged": w.lora})
+                                       "image_size": w.image_size, "max_pixels": scorer.image_processor.max_pixels,
+                                       "steps": step, "lora_merged": w.lora})
         shutil.rmtree(final_dir, ignore_errors=True)
         tmp.rename(final_dir)
         if final_report is not None:

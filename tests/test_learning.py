@@ -104,18 +104,20 @@ def test_static_reference_is_the_base_model_after_the_adapters_moved(conditions,
     idx = [0, 2]
     images, masks = rl.stack_conditions(tr.conds, idx, tr.device, tr.dtype)
     cond = tr.rollout.prepare_condition(tr.pipe, images, masks, generator=torch.Generator().manual_seed(5))
-    eps = tr._noise(len(idx), torch.Generator().manual_seed(6))
+    hw = tuple(images.shape[-2:])
+    sig = tr.sigmas(hw)
+    eps = tr._noise(len(idx), torch.Generator().manual_seed(6), hw)
     emb = tr._embeds(idx)
 
     def rollout(transformer, c, e, em):
         with torch.no_grad():
-            lat = tr.rollout.denoise(transformer, e, c, em, tr.sigmas, 0, len(tr.sigmas) - 1,
+            lat = tr.rollout.denoise(transformer, e, c, em, sig, 0, len(sig) - 1,
                                      guidance=tr.cfg.guidance, true_cfg=tr.cfg.true_cfg)
-            return tr.rollout.decode(base, lat, tr.cfg.resolution, tr.cfg.resolution)
+            return tr.rollout.decode(base, lat, *hw)
 
     x_base = rollout(base.transformer, cond, eps, emb)
     x_policy = rollout(tr.policy.transformer, cond, eps, emb)  # adapters on
-    x_ref = tr._reference_rollout(cond, emb, eps)
+    x_ref = tr._reference_rollout(cond, emb, eps, hw)
     assert (x_policy - x_base).abs().max() > 1e-3  # the adapters change the function...
     torch.testing.assert_close(x_ref, x_base, atol=1e-5, rtol=0)  # ...but not the reference's
 
@@ -125,7 +127,7 @@ def test_static_reference_is_the_base_model_after_the_adapters_moved(conditions,
         g = torch.Generator().manual_seed(tr.r.seed * 7_777 + i)
         im, m = rl.stack_conditions(tr.conds, [i], tr.device, tr.dtype)
         c1 = tr.rollout.prepare_condition(base, im, m, generator=g)
-        want = rollout(base.transformer, c1, tr._noise(1, g), tr._embeds([i]))
+        want = rollout(base.transformer, c1, tr._noise(1, g, hw), tr._embeds([i]))
         torch.testing.assert_close(cached[k:k + 1], want, atol=1e-5, rtol=0)
 
 

@@ -58,6 +58,7 @@ def test_paper_recipes_hold_the_paper_values(name):
     assert r.rl.t1 <= r.rl.t2 < r.rl.rollout_steps
     assert r.rl.resolution % 16 == 0 and r.generate.resolution % 16 == 0 and r.eval.resolution % 16 == 0
     assert r.rl.mixed_precision == "bf16" and r.rl.gradient_checkpointing
+    assert r.rl.reward_activation_checkpointing and not load_recipe("tiny").rl.reward_activation_checkpointing
     assert r.rl.lora and (r.rl.lora_rank, r.rl.lora_alpha) == (64, 128)
     assert r.eval.steps == 50
 
@@ -106,6 +107,7 @@ def test_unknown_section():
     ("generate.steps=5", "expected a list"),
     ("generate.masks=3", "expected a mapping"),
     ("seed=[1]", "expected an integer"),
+    ("rl.lr_warmup=2.5", "expected an integer"),
 ])
 def test_wrong_type(override, fragment):
     msg = error_of([override])
@@ -138,6 +140,10 @@ def test_wrong_type_inside_a_list_names_the_element():
     (["reward.image_size=50"], "reward.image_size", "multiple of 28"),
     (["synth.min_objects=0"], "synth.min_objects", "min_objects"),
     (["synth.min_objects=4", "synth.max_objects=2"], "synth.min_objects", "min_objects"),
+    (["rl.lr_warmup=-1"], "rl.lr_warmup", ">= 0"),
+    (["rl.mixed_precision=fp16"], "rl.mixed_precision", "loss scaling"),
+    (["reward.mixed_precision=fp16"], "reward.mixed_precision", "loss scaling"),
+    (["rl.lr_schedule=exponential"], "rl.lr_schedule", "constant, cosine, linear"),
 ])
 def test_impossible_values(overrides, key, fragment):
     msg = error_of(overrides)

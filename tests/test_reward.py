@@ -356,3 +356,29 @@ def test_qwen2_vl_checkpoint_same_code_path(tiny_qwen2_vl, tiny_recipe):
     x = first.clone().requires_grad_(True)
     sum(t.sum() for t in sc.p_yes(x, second, queries)).backward()
     assert x.grad.abs().sum() > 0
+
+
+def test_reward_model_refused_at_another_image_size(tiny_recipe, zoo, tmp_path):
+    """A judge trained at one pixel budget is a different function at another: exit-2 error."""
+    import dataclasses
+    import warnings
+
+    from onereward_cli.reward import REWARD_META
+
+    d = tmp_path / "judge"
+    shutil.copytree(zoo / "qwen2.5-vl", d)
+    cfg = tiny_recipe.reward
+    (d / REWARD_META).write_text(json.dumps({"base": "zoo:qwen2.5-vl", "image_size": cfg.image_size,
+                                             "max_pixels": cfg.image_size ** 2}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the matching size loads silently
+        RewardScorer.load(str(d), cfg)
+    with pytest.raises(InputError, match=rf"{REWARD_META}: reward.image_size: .*trained at {cfg.image_size} px"):
+        RewardScorer.load(str(d), dataclasses.replace(cfg, image_size=cfg.image_size + 28))
+    # A record from before image_size was kept: one warning per model, not per load.
+    (d / REWARD_META).write_text(json.dumps({"base": "zoo:qwen2.5-vl"}))
+    with pytest.warns(UserWarning, match="no image_size recorded"):
+        RewardScorer.load(str(d), cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RewardScorer.load(str(d), cfg)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from onereward_cli import rl
@@ -71,6 +72,38 @@ def test_task_sampling_follows_probabilities(conditions):
         assert abs(counts[i[0]] / total - p) < 0.04, (k, counts[i[0]] / total, p)
 
 
+@pytest.mark.parametrize("schedule, factors", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+    ("cosine", [0.5, 1.0, 1.0, 0.5 * (1 + np.cos(np.pi / 4)), 0.5, 0.5 * (1 + np.cos(3 * np.pi / 4))]),
+])
+def test_lr_schedule_and_its_resume(schedule, factors):
+    """Warmup 2 then the schedule over 6 steps; a scheduler restored from its JSON state continues it."""
+    from onereward_cli.checkpointing import make_scheduler
+
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+
+    o = opt()
+    s = make_scheduler(o, 2, schedule, 6)
+    seen = []
+    for _ in range(6):
+        seen.append(o.param_groups[0]["lr"])
+        o.step()
+        s.step()
+    assert seen == pytest.approx([2.0 * f for f in factors])
+    o2 = opt()
+    s2 = make_scheduler(o2, 2, schedule, 6)
+    for _ in range(3):
+        o2.step()
+        s2.step()
+    state = json.loads(json.dumps(s2.state_dict()))  # what rl's state.json holds
+    o3 = opt()
+    s3 = make_scheduler(o3, 2, schedule, 6)
+    s3.load_state_dict(state)
+    assert s3.get_last_lr() == pytest.approx(seen[3:4])
+
+
 def test_step_is_deterministic_per_step_index():
     r = recipe()
     by = {"fill": [0, 1], "removal": [2]}
@@ -97,7 +130,7 @@ def test_gradient_only_through_final_step(trainer):
     # reference rollout (rollout_steps calls, no grad) + policy no-grad steps t + exactly one grad call
     assert calls.count(True) == 1
     assert calls[-1] is True
-    assert x_theta.requires_grad
+    assert len(x_theta) == 1 and x_theta[0].requires_grad  # one shape bucket: every condition is square
     loss.backward()
     grads = [p.grad for p in trainer.policy.trainable.values()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
@@ -106,6 +139,28 @@ def test_gradient_only_through_final_step(trainer):
     assert all(p.grad is None for p in trainer.pipe.vae.parameters())
     assert all(p.grad is None for p in trainer.scorer.model.parameters())
     trainer.opt.zero_grad(set_to_none=True)
+
+
+def _step_grads(tr):
+    loss, *_ = tr.step(0)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in tr.policy.trainable.items()}
+    tr.opt.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_reward_activation_checkpointing_keeps_the_gradient(trainer, conditions, zoo):
+    r = recipe("rl.reward_activation_checkpointing=true")
+    ck = rl.Trainer(r, rl.load_conditions(r, conditions), r.models.reward, dynamic=False)
+    from onereward_cli.models.qwen_vl import unwrap
+
+    assert unwrap(ck.scorer.model).is_gradient_checkpointing
+    assert not unwrap(trainer.scorer.model).is_gradient_checkpointing
+    (la, ga), (lb, gb) = _step_grads(trainer), _step_grads(ck)
+    assert torch.allclose(la, lb, atol=1e-6)
+    assert sum(g.abs().sum() for g in ga.values()) > 0
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-6, rtol=1e-4), n
 
 
 def test_static_reference_is_cached_and_base_model(trainer):
@@ -145,11 +200,14 @@ def _weights(d: Path):
 def test_resume_equals_uninterrupted_and_outputs_load(conditions, zoo, tmp_path):
     from diffusers import FluxFillPipeline
 
+    warm = "rl.lr_warmup=3"  # the lr ramps across the interruption
     full = tmp_path / "full"
-    rl.run(recipe("rl.steps=4", "rl.save_every=2"), conditions, full)
+    rl.run(recipe("rl.steps=4", "rl.save_every=2", warm), conditions, full)
     part = tmp_path / "part"
-    rl.run(recipe("rl.steps=2", "rl.save_every=2"), conditions, part)
-    rl.run(recipe("rl.steps=4", "rl.save_every=2"), conditions, part, resume=True)
+    rl.run(recipe("rl.steps=2", "rl.save_every=2", warm), conditions, part)
+    with pytest.raises(rl.InputError, match="rl.lr_warmup"):  # another schedule is not the same run
+        rl.run(recipe("rl.steps=4", "rl.save_every=2"), conditions, part, resume=True)
+    rl.run(recipe("rl.steps=4", "rl.save_every=2", warm), conditions, part, resume=True)
     a, b = _weights(full / "policy"), _weights(part / "policy")
     assert a.keys() == b.keys()
     for k in a:
@@ -159,6 +217,8 @@ def test_resume_equals_uninterrupted_and_outputs_load(conditions, zoo, tmp_path)
         assert torch.equal(ea[k], eb[k]), k
     log = [json.loads(x) for x in (part / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+    lr = recipe().rl.lr
+    assert [r["lr"] for r in log] == pytest.approx([lr / 3, 2 * lr / 3, lr, lr])
     assert (full / "reward_curves.png").exists() and (full / "run.json").exists()
     meta = json.loads((full / "policy" / "onereward_policy.json").read_text())
     assert meta["kind"] == "lora"
@@ -249,3 +309,125 @@ def test_accelerate_two_processes_cpu(conditions, zoo, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert (out / "policy" / "pytorch_lora_weights.safetensors").exists()
     assert json.loads((out / "run.json").read_text())["world_size"] == 2
+
+
+def _transformer_out(tr):
+    """The transformer's output on fixed random inputs: the function a LoRA policy computes."""
+    g = torch.Generator().manual_seed(0)
+    c = tr.config
+    kw = dict(hidden_states=torch.randn(1, 16, c.in_channels, generator=g),
+              encoder_hidden_states=torch.randn(1, 8, c.joint_attention_dim, generator=g),
+              pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g),
+              timestep=torch.tensor([0.5]), guidance=torch.tensor([3.5]),
+              img_ids=torch.randn(16, 3, generator=g), txt_ids=torch.zeros(8, 3), return_dict=False)
+    with torch.no_grad():
+        return tr(**kw)[0]
+
+
+def test_lora_policy_reloads_at_trained_strength(conditions, zoo, tmp_path):
+    """alpha != rank: the saved adapter must reload as the exact trained function, through diffusers
+    and through our own loader (generate / eval)."""
+    from diffusers import FluxFillPipeline
+
+    from onereward_cli.models.flux_fill import load_fill_pipeline
+
+    r = recipe("rl.lora_rank=2", "rl.lora_alpha=8", "rl.steps=2", "rl.lr=1e-2", "rl.save_every=0")
+    out = tmp_path / "alpha"
+    rl.run(r, conditions, out)
+    # The trained function, rebuilt the way rl holds it: base + adapter (r=2, alpha=8) + the final weights.
+    pipe = load_fill_pipeline(r.models.policy)
+    pol = rl.Policy(pipe.transformer, r.rl, dynamic=False, seed=r.seed)
+    ck = out / "checkpoints" / "step-000002"
+    pol.load_state_tensors(rl.load_tensors(ck / "policy.safetensors"), rl.load_tensors(ck / "ema.safetensors"))
+    trained = _transformer_out(pol.transformer)
+    with pol.reference_transformer() as base:
+        assert (trained - _transformer_out(base)).abs().max() > 1e-3  # the adapters did move
+    theirs = FluxFillPipeline.from_pretrained(str(zoo / "flux-fill"))
+    theirs.load_lora_weights(str(out / "policy"))
+    assert torch.allclose(_transformer_out(theirs.transformer), trained, atol=1e-5)
+    ours = load_fill_pipeline(str(out / "policy"))
+    assert torch.allclose(_transformer_out(ours.transformer), trained, atol=1e-5)
+    # A policy saved before the fix (no adapter config in the header) loads with a warning.
+    from safetensors.torch import load_file, save_file
+
+    f = out / "policy" / "pytorch_lora_weights.safetensors"
+    save_file(load_file(str(f)), str(f))
+    with pytest.warns(UserWarning, match="alpha = rank"):
+        load_fill_pipeline(str(out / "policy"))
+
+
+def _update(conditions, *extra, plain_bf16=False):
+    """The change of the trainable weights after two full fine-tuning steps at lr 1e-4."""
+    r = recipe("rl.lora=false", "rl.lr=1e-4", *extra)
+    tr = rl.Trainer(r, rl.load_conditions(r, conditions), r.models.reward, dynamic=True)
+    if plain_bf16:  # what rl did before: AdamW straight on the bf16 weights
+        for p in tr.params:
+            p.data = p.data.to(torch.bfloat16)
+        tr.opt = torch.optim.AdamW(tr.params, lr=r.rl.lr, weight_decay=0.0)
+        tr.sched = rl.make_scheduler(tr.opt, 0)
+    w0 = {n: p.detach().float().clone() for n, p in tr.policy.trainable.items()}
+    for s in range(2):
+        loss, *_ = tr.step(s)
+        tr.optimizer_step(loss)
+    dtypes = {p.dtype for p in tr.params}
+    return torch.cat([(p.detach().float() - w0[n]).flatten() for n, p in tr.policy.trainable.items()]), dtypes
+
+
+def test_bf16_training_updates_fp32_master_weights(conditions, zoo):
+    bf16 = ("dtype=bfloat16", "rl.mixed_precision=bf16")
+    ref, _ = _update(conditions)  # fp32 throughout
+    got, dtypes = _update(conditions, *bf16)
+    assert dtypes == {torch.float32}
+    # Like fp32: (almost) every weight moves and the step has the same size and direction. Not equal: the
+    # bf16 forward changes the gradients, and Adam's first steps follow their signs.
+    assert (got == 0).float().mean() < 0.01
+    assert abs(got.norm() / ref.norm() - 1) < 0.1
+    assert F.cosine_similarity(got, ref, dim=0) > 0.6
+    # The failure this guards: in plain bf16 most ~1e-4 steps are below half an ulp and rounded away.
+    lost, dtypes = _update(conditions, *bf16, plain_bf16=True)
+    assert dtypes == {torch.bfloat16}
+    assert (lost == 0).float().mean() > 0.3
+
+
+def test_full_policy_is_saved_in_the_model_dtype_and_masters_survive():
+    m = torch.nn.Linear(3, 2)
+    w = m.weight.data.clone()
+    with rl.stored_in(m, torch.bfloat16):
+        assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
+    assert m.weight.dtype == torch.float32 and torch.equal(m.weight.data, w)  # no rounding of the masters
+
+
+def test_float16_training_is_refused(conditions, zoo, tmp_path):
+    with pytest.raises(rl.InputError, match="dtype: training in float16 needs loss scaling"):
+        rl.run(recipe("dtype=float16"), conditions, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_conditions_keep_their_aspect_ratio_and_batches_bucket_by_shape(zoo, tmp_path):
+    d = tmp_path / "wide"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    recs = []
+    for i, (w, h) in enumerate([(32, 32), (128, 32), (32, 32), (128, 32)]):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(d / f"src{i}.png")
+        m = np.zeros((h, w), np.uint8)
+        m[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
+        Image.fromarray(m).save(d / f"m{i}.png")
+        recs.append({"id": f"s{i}", "task": "fill", "source": f"src{i}.png", "mask": f"m{i}.png",
+                     "prompt": "a red circle"})
+    (d / "triplets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    r = recipe("rl.batch_size=3", "tasks.fill.probability=1", "tasks.extend.probability=0",
+               "tasks.extend_no_prompt.probability=0", "tasks.removal.probability=0")
+    conds = rl.load_conditions(r, d / "triplets.jsonl")
+    # about rl.resolution**2 pixels at the source's 4:1 aspect ratio, as generate sizes its conditions
+    assert [tuple(c.image.shape[1:]) for c in conds] == [(32, 32), (16, 64), (32, 32), (16, 64)]
+    assert all(c.mask.shape[1:] == c.image.shape[1:] for c in conds)
+    tr = rl.Trainer(r, conds, r.models.reward, dynamic=False)
+    step = next(s for s in range(50) if len(rl.shape_buckets(conds, rl.sample_batch(r, conds, tr.by_task, s)[0])) == 2)
+    loss, idx, t, p_yes, x_theta = tr.step(step)
+    assert sorted(tuple(x.shape[2:]) for x in x_theta) == [(16, 64), (32, 32)]
+    assert len(p_yes) == len(idx) == r.rl.batch_size and torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.params)
+    tr.opt.zero_grad(set_to_none=True)
+    assert 0.0 <= rl.heldout_oracle(tr, conds) <= 1.0

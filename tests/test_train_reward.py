@@ -65,6 +65,8 @@ def test_training_memorises_pairs_and_saves_a_loadable_model(tmp_path, zoo):
     assert isinstance(AutoModelForImageTextToText.from_pretrained(final), torch.nn.Module)
     scorer = RewardScorer.load(str(final), r.reward)
     assert scorer.trained_with["query_mode"] == "full"
+    assert scorer.trained_with["image_size"] == r.reward.image_size  # RewardScorer.load checks it
+    assert scorer.trained_with["max_pixels"] == scorer.image_processor.max_pixels
     w, lo = load_image_tensor(pairs / "img/0_bright.png"), load_image_tensor(pairs / "img/0_dark.png")
     q = build_query(r.tasks["fill"], "aesthetics", "a red circle")
     p = scorer.p_yes(torch.stack([w, lo]), torch.stack([lo, w]), [[q], [q]])
@@ -192,3 +194,45 @@ def test_accelerate_launch_two_cpu_processes(tmp_path, zoo):
         "rng_0.safetensors", "rng_1.safetensors", "trainable.safetensors", "optimizer.safetensors", "state.json"}
     assert (out / "final" / "model.safetensors").is_file()
     assert json.loads((out / "accuracy.json").read_text())["overall"]["n"] == 3
+
+
+def _trained_delta(pairs, out, zoo, *extra, dtype=torch.float32):
+    """Change of every trained weight after 2 full fine-tuning steps at lr 1e-4 (from the checkpoint)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a process-wide singleton: another mixed_precision needs a fresh one
+    train_reward.run(recipe("reward.max_steps=2", "reward.lr=1e-4", "reward.max_grad_norm=0", *extra), pairs, out)
+    got = load_file(str(train_reward.list_checkpoints(out)[-1] / "trainable.safetensors"))
+    from transformers import AutoModelForImageTextToText
+
+    base = dict(AutoModelForImageTextToText.from_pretrained(Path(zoo) / "qwen2.5-vl").named_parameters())
+    # The masters start from the weights as loaded: rounded to the recipe's dtype.
+    return {k: v.float() - base[k].detach().to(dtype).float() for k, v in got.items()}, {v.dtype for v in got.values()}
+
+
+def test_bf16_recipe_trains_fp32_master_weights(tmp_path, zoo):
+    pairs = make_pairs(tmp_path / "pairs", test_same=False)
+    ref, _ = _trained_delta(pairs, tmp_path / "fp32", zoo)
+    got, dtypes = _trained_delta(pairs, tmp_path / "bf16", zoo, "dtype=bfloat16", "reward.mixed_precision=bf16",
+                                 dtype=torch.bfloat16)
+    assert dtypes == {torch.float32}  # the optimizer stepped fp32 masters
+    ref, got = torch.cat([ref[k].flatten() for k in ref]), torch.cat([got[k].flatten() for k in ref])
+    # (Almost) every weight moves, by about as much and the same way as in fp32; in bf16 weights most
+    # of these ~1e-4 steps would be rounded away (see tests/test_rl.py, plain bf16 AdamW).
+    moved = ref != 0  # rows of unused token embeddings get no gradient in either run
+    assert (got[moved] == 0).float().mean() < 0.01
+    assert abs(got.norm() / ref.norm() - 1) < 0.1
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=0) > 0.9
+    # The final model is saved in the recipe's dtype.
+    final = load_file(str(tmp_path / "bf16" / "final" / "model.safetensors"))
+    assert {v.dtype for v in final.values()} == {torch.bfloat16}
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # leave the default (no mixed precision) to the next test
+
+
+def test_float16_training_is_refused(tmp_path, zoo):
+    pairs = make_pairs(tmp_path / "pairs")
+    with pytest.raises(InputError, match="dtype: training in float16 needs loss scaling"):
+        train_reward.run(recipe("dtype=float16"), pairs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

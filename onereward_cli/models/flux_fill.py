@@ -276,6 +276,12 @@ def load_fill_pipeline(spec: str, *, device="cpu", dtype=torch.float32, base: st
     if info.kind == "lora":
         if not (local / LORA_FILE).exists():
             raise InputError(f"LoRA policy folder has no {LORA_FILE}", path=local)
+        if info.layout == "policy" and not _has_lora_metadata(local / LORA_FILE):
+            import warnings
+
+            warnings.warn(f"{local}: LoRA saved without its adapter config (rl before 0.2.0); it loads with "
+                          "alpha = rank, which is the trained strength only if rl.lora_alpha was rl.lora_rank",
+                          UserWarning, stacklevel=2)
         try:
             with quiet_loading():
                 pipe.load_lora_weights(str(local), weight_name=LORA_FILE)
@@ -285,3 +291,16 @@ def load_fill_pipeline(spec: str, *, device="cpu", dtype=torch.float32, base: st
         tr = _from_pretrained(FluxTransformer2DModel, str(local), str(local), dtype=dtype)
         pipe.transformer = tr.to(device)
     return pipe.to(device)
+
+
+def _has_lora_metadata(f: Path) -> bool:
+    """Whether a LoRA safetensors file carries the peft adapter config (rank, alpha) in its header."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:  # noqa: BLE001 - an unreadable file fails in load_lora_weights with its own error
+        return True
+    return any(k == LORA_ADAPTER_METADATA_KEY or k.endswith("." + LORA_ADAPTER_METADATA_KEY) for k in meta)
