@@ -1,6 +1,7 @@
 """The `onereward` command line. Each subcommand is thin: resolve the recipe, call the stage.
 
-Exit codes: 0 success, 2 bad input or usage (one line naming file, line and field), 1 unexpected failure.
+Exit codes: 0 success, 2 bad input or usage (one line naming file, line and field), 3 training aborted on
+non-finite losses (the last good checkpoint is kept), 1 unexpected failure.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer._click import exceptions as cx  # typer (>= 0.29) vendors click: its usage errors are these
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, TrainingAborted
 
 console = Console(stderr=True)
 app = typer.Typer(
@@ -260,14 +262,39 @@ def demo(
     stage.run(r, out, replicate=replicate)
 
 
+def _usage_line(e) -> str:
+    """A usage error as `<field>: <problem>`: the option it is about, else the command."""
+    if isinstance(e, cx.BadParameter) and not isinstance(e, cx.MissingParameter) and e.param is not None:
+        text = f"{e.param.get_error_hint().replace(chr(39), '')}: {e.message}"
+    else:
+        where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "onereward"
+        text = f"{where}: {e.format_message()}"
+    return " ".join(text.split())  # one line, whatever click wrapped
+
+
+def _error(text: str, code: int):
+    # escape: a path or value like "data/[test]/x" is text, not rich markup
+    console.print(f"[red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(args=argv)  # standalone: usage errors exit 2, success exits 0
-    except InputError as e:
-        # escape: a path or value like "data/[test]/x" is text, not rich markup
-        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        # not standalone: usage errors come here, to be printed as one line like every other bad input
+        rv = app(args=argv, standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:  # bare `onereward` / `onereward rl`: the help text
+        e.show()
         sys.exit(2)
+    except cx.ClickException as e:
+        _error(_usage_line(e), 2)
+    except typer.Abort:
+        console.print("[yellow]aborted[/]")
+        sys.exit(1)
+    except InputError as e:
+        _error(str(e), 2)
+    except TrainingAborted as e:
+        _error(str(e), 3)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
@@ -276,6 +303,7 @@ def main(argv=None):
         console.print(f"[red]unexpected failure:[/] {e.__class__.__name__}: {escape(str(e))}", highlight=False,
                       soft_wrap=True)
         sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)  # typer.Exit(code) comes back as its code
 
 
 if __name__ == "__main__":
