@@ -11,6 +11,7 @@ import io
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -48,6 +49,34 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# What atomic_path's mkstemp leaves when killed (".name.<8 random chars>.ext"), tempfile's default
+# ".tmpXXXXXXXX" names, and the ".something.tmp" folders checkpoints are assembled in.
+_STALE_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)?$|^\.tmp[a-z0-9_]{8}|^\..+\.tmp$")
+
+
+def remove_stale_temps(root: str | os.PathLike) -> int:
+    """Delete the temp files and folders a killed run left under `root` (recursively). Call it only
+    when no other process writes there (single-process runs). Returns how many were removed."""
+    import shutil
+
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames):
+            if _STALE_TEMP.match(name):
+                shutil.rmtree(Path(dirpath) / name, ignore_errors=True)
+                dirnames.remove(name)
+                n += 1
+        for name in filenames:
+            if _STALE_TEMP.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(Path(dirpath) / name)
+                n += 1
+    return n
 
 
 def write_bytes(path, data: bytes):
