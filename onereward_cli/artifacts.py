@@ -79,6 +79,25 @@ def remove_stale_temps(root: str | os.PathLike) -> int:
     return n
 
 
+def check_out_dir(path, field: str = "--out", *, file: bool = False) -> Path:
+    """Fail early, naming the option, when `path` cannot become an output folder (or, with file=True,
+    an output file): it, or the nearest existing folder above it, is a file or is not writable."""
+    path = Path(path)
+    if path.exists():
+        if file and path.is_dir():
+            raise InputError("is a folder, expected a file", path=path, field=field)
+        if not file and not path.is_dir():
+            raise InputError("exists and is not a folder", path=path, field=field)
+    up = path if (path.is_dir() and not file) else path.parent
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir():
+        raise InputError(f"cannot create it: {up} is a file", path=path, field=field)
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write there: {up} is not writable", path=path, field=field)
+    return path
+
+
 def write_bytes(path, data: bytes):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:

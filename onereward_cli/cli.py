@@ -38,6 +38,12 @@ def _recipe(name: str, overrides: Optional[List[str]]):
     return load_recipe(name, overrides or [])
 
 
+def _out(path: Path, field: str = "--out", file: bool = False):
+    from .artifacts import check_out_dir
+
+    check_out_dir(path, field, file=file)
+
+
 def _version_cb(value: bool):
     if value:
         typer.echo(f"onereward {__version__}")
@@ -67,6 +73,8 @@ def tiny_models(
     """
     from .models.tiny import ZOO_MODELS, build_zoo, copy_trained_zoo, trained_zoo_dir
 
+    if out is not None:
+        _out(out, "OUT")
     if trained:
         d = copy_trained_zoo(out, force=force) if out is not None else trained_zoo_dir()
     else:
@@ -88,6 +96,7 @@ def synth(
     Example: onereward synth ./pool --n 200 --seed 0
     """
     r = _recipe(recipe, set_)
+    _out(out, "OUT")
     from . import synth as stage
 
     stage.run(r, out, n=n if n is not None else r.synth.n, seed=seed if seed is not None else r.seed)
@@ -106,6 +115,7 @@ def curate(
     Example: onereward curate ./pool --out ./curated --select 32
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import curate as stage
 
     stage.run(r, pool, out, select=select if select is not None else r.curate.select)
@@ -125,6 +135,7 @@ def generate(
     Example: onereward generate ./curated/curated.jsonl --out ./cands --candidates 4
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import generate as stage
 
     stage.run(r, input, out, candidates=candidates if candidates is not None else r.generate.candidates, limit=limit)
@@ -150,6 +161,7 @@ def annotate(
     from . import annotate as stage
 
     target = out or candidates_dir / "annotations.jsonl"
+    _out(target, "--out", file=True)
     if oracle and import_:
         raise InputError("choose one of --oracle and --import", field="--oracle")
     if oracle:
@@ -173,6 +185,7 @@ def export_pairs(
     Example: onereward export-pairs ./cands/annotations.jsonl --out ./data --test-fraction 0.2
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import pairs as stage
 
     stage.run(r, annotations, out, test_fraction=test_fraction if test_fraction is not None else r.pairs.test_fraction)
@@ -191,6 +204,7 @@ def train_reward(
     Example: onereward train-reward ./data/pairs --out ./reward
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import train_reward as stage
 
     stage.run(r, pairs_dir, out, resume=resume)
@@ -211,6 +225,7 @@ def rl(
     Example: onereward rl ./cands --reward-model ./reward/final --out ./rl-static
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import rl as stage
 
     stage.run(r, data, out, reward_model=reward_model, dynamic=dynamic, resume=resume)
@@ -236,6 +251,7 @@ def eval_(
              onereward eval --recipe eval-onereward-release --benchmark ./bench.jsonl --out ./eval
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import evaluate as stage
 
     stage.run(r, policy=policy, benchmark=benchmark, out=out, compare=compare or None, reward_model=reward_model,
@@ -257,6 +273,7 @@ def demo(
         recipe = "replicate"  # the same tiny zoo with more data and steps, so the ablations can separate
         console.print("--replicate: using recipe 'replicate' (recipes/replicate.yaml)")
     r = _recipe(recipe, set_)
+    _out(out)
     from . import demo as stage
 
     stage.run(r, out, replicate=replicate)
