@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpointing import optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files
+from .checkpointing import check_fingerprint, optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files
 from .errors import InputError
 from .reward import (REWARD_META, ImageCache, RewardScorer, accuracy_report, accuracy_table, build_query,
                      eq3_loss, load_pairs, pair_batch_inputs, save_accuracy, score_pairs, yes_no_logprobs)
@@ -71,16 +71,7 @@ def _fingerprint(r, train_path: Path, world: int) -> dict:
 
 
 def _check_fingerprint(saved: dict, now: dict, ckpt: Path):
-    diff = []
-    for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k), now.get(k)
-        if k == "reward" and isinstance(a, dict) and isinstance(b, dict):
-            diff += [f"reward.{kk}" for kk in sorted(set(a) | set(b)) if a.get(kk) != b.get(kk)]
-        elif a != b:
-            diff.append(k)
-    if diff:
-        raise InputError(f"cannot resume: {', '.join(diff)} differ from the checkpoint's run (only "
-                         f"{', '.join(sorted('reward.' + k for k in _RESUMABLE_KEYS))} may change)", path=ckpt)
+    check_fingerprint(saved, now, ckpt, ["reward." + k for k in _RESUMABLE_KEYS])
 
 
 # ----------------------------------------------------------------------------------------------
