@@ -32,9 +32,18 @@ CANDIDATES_SCHEMA = {"id": ((str, int), True), "task": (str, True), "source": (s
                      "candidates": (list, True)}
 
 
-def check_candidates(rec: dict, path) -> dict:
-    """A candidates.jsonl record's `candidates`: a list of {"index": i, "path": "..."} numbered 0..n-1."""
+def check_candidates(rec: dict, path: Path) -> dict:
+    """A candidates.jsonl record: `candidates` a list of {"index": i, "path": "..."} numbered 0..n-1, and
+    every image path relative and inside the candidates folder (the pairs point into it)."""
+    from .annotate import _inside
+
     line = rec.get("_line")
+
+    def inside(rel: str, field: str):
+        if _inside(path.parent, rel) is None:
+            raise InputError(f"path '{rel}' must be relative and stay inside {path.parent}", path=path, line=line,
+                             field=field)
+
     for i, c in enumerate(rec["candidates"]):
         where = f"candidates[{i}]"
         if not isinstance(c, dict):
@@ -45,9 +54,9 @@ def check_candidates(rec: dict, path) -> dict:
         if c.get("index", i) != i or isinstance(c.get("index"), bool):
             raise InputError(f"expected {i} (candidates are numbered in order), got {c.get('index')!r}", path=path,
                              line=line, field=f"{where}.index")
+        inside(c["path"], f"{where}.path")
     for name in ("source", "mask"):
-        if not rec[name]:
-            raise InputError("empty path", path=path, line=line, field=name)
+        inside(rec[name], name)
     return rec
 
 

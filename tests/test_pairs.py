@@ -247,6 +247,8 @@ def test_position_bias_counts_shown_positions(tmp_path, capsys):
     ("images/s0/cand_0.png", "candidates[0]"),
     ({"index": 0}, "candidates[0].path"),
     ({"index": 2, "path": "images/s0/cand_0.png"}, "candidates[0].index"),
+    ({"index": 0, "path": "../../etc/passwd"}, "candidates[0].path"),
+    ({"index": 0, "path": "/etc/passwd"}, "candidates[0].path"),
 ])
 def test_malformed_candidate_entries_name_line_and_field(tmp_path, entry, field):
     cand = tmp_path / "cands"
