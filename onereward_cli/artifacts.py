@@ -193,9 +193,14 @@ def read_jsonl(path, schema: Schema | None = None, *, tolerate_torn_tail: bool =
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", path=path)
+    if path.is_dir():
+        raise InputError("is a folder, expected a JSONL file", path=path)
     out = []
-    with open(path, "rb") as f:
-        raw_lines = f.read().split(b"\n")
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e.__class__.__name__})", path=path) from None
     n = len(raw_lines)
     for i, raw in enumerate(raw_lines, start=1):
         if not raw.strip():
