@@ -187,6 +187,19 @@ def _drop_torn_tail(fd: int):
 Schema = dict[str, tuple[Any, bool]]
 
 
+def read_utf8(path, field: str | None = None) -> str:
+    """A text file's contents, or InputError naming the first line that is not UTF-8."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e.__class__.__name__})", path=path, field=field) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError("not UTF-8 text", path=path, line=data[:e.start].count(b"\n") + 1, field=field) from None
+
+
 def read_jsonl(path, schema: Schema | None = None, *, tolerate_torn_tail: bool = False,
                check: Callable[[dict, int], None] | None = None) -> list[dict]:
     """Read and validate every line. Blank lines are skipped. Raises InputError(file:line: field)."""

@@ -229,6 +229,18 @@ CASES = {
     "eval: empty metric folder": lambda t: (
         _ev(t, triplets(t / "b"), "--set", f"eval.metrics.pickscore={_dir(t / 'ps')}"), t / "o",
         ["ps", "eval.metrics.pickscore", "empty"]),
+    "eval: --human not UTF-8": lambda t: (
+        _ev(t, triplets(t / "b"), "--human", str(_bytes(t / "h.csv", b"sample,model,dimension,value\n\xff,a,b,1\n"))),
+        t / "o", ["h.csv:2", "not UTF-8"]),
+    "eval: --human with a NUL byte": lambda t: (
+        _ev(t, triplets(t / "b"), "--human", str(_bytes(t / "h.csv", b"sample,model,dimension,value\nt0,a\x00,b,1\n"))),
+        t / "o", ["h.csv:2"]),
+    "eval: --human missing a column": lambda t: (
+        _ev(t, triplets(t / "b"), "--human", str(_bytes(t / "h.csv", b"sample,model,value\nt0,a,1\n"))),
+        t / "o", ["h.csv"]),
+    "eval: --human is a folder": lambda t: (_ev(t, triplets(t / "b"), "--human", str(_dir(t / "h.jsonl"))),
+                                            t / "o", ["h.jsonl"]),
+    "synth: --n 0": lambda t: (["synth", str(t / "o"), "--n", "0"], t / "o", ["--n"]),
     "eval: --out is a file": lambda t: (_ev(t, triplets(t / "b"))[:-2] + ["--out", str(_file(t))], _file(t),
                                         ["afile", "--out"]),
 }
@@ -315,3 +327,33 @@ def test_malformed_input_is_one_error_line_and_writes_nothing(case, tmp_path, ca
     for name in names:
         assert name in lines[0], (name, lines[0])
     assert _snapshot(out) == before, "the output changed"
+
+
+def test_odd_image_modes_are_accepted_not_errors(tmp_path, zoo):
+    """The other side of the table: CMYK, palette, 16-bit, 1-bit and grey+alpha images (and masks) are
+    converted, not rejected, and a 1x1 source is scaled up."""
+    from onereward_cli import generate as G
+    from onereward_cli.recipe import load_recipe
+
+    rng = np.random.default_rng(0)
+    a = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
+    m = np.zeros((32, 32), np.uint8)
+    m[8:20, 8:20] = 255
+    Image.fromarray(a).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(a).convert("P").save(tmp_path / "p.png")
+    Image.fromarray((rng.random((32, 32)) * 65535).astype(np.uint16)).save(tmp_path / "i16.png")
+    Image.fromarray(a).convert("LA").save(tmp_path / "la.png")
+    Image.fromarray(a[:1, :1]).save(tmp_path / "tiny.png")
+    Image.fromarray(m.astype(np.uint16) * 257).save(tmp_path / "m16.png")
+    Image.fromarray(m).convert("1").save(tmp_path / "m1.png")
+    Image.fromarray(m).save(tmp_path / "m.png")
+    rows = [("cmyk.jpg", "m16.png"), ("p.png", "m1.png"), ("i16.png", "m.png"), ("la.png", "m.png"),
+            ("tiny.png", None)]
+    f = jsonl(tmp_path / "odd.jsonl", [{"id": f"t{i}", "source": s, "prompt": "a cat", "task": "fill",
+                                       **({"mask": k} if k else {})} for i, (s, k) in enumerate(rows)])
+    r = load_recipe("tiny")
+    samples = G.plan(r, f, 2)
+    assert len(samples) == len(rows)
+    for s in samples:
+        src, msk = G.build_condition(r, s)
+        assert src.mode == "RGB" and msk.shape == (src.size[1], src.size[0]) and msk.max() == 255
