@@ -216,6 +216,12 @@ CASES = {
     "eval: policy with a broken model_index.json": lambda t: (
         _ev(t, triplets(t / "b"), "--policy", str(_bytes(t / "pol" / "model_index.json", b"{").parent)), t / "o",
         ["model_index.json", "JSON"]),
+    "eval: rl policy file not UTF-8": lambda t: (
+        _ev(t, triplets(t / "b"), "--policy", str(_bytes(t / "pol" / "onereward_policy.json", b"\xff\xfe").parent)),
+        t / "o", ["onereward_policy.json"]),
+    "eval: transformer config.json not UTF-8": lambda t: (
+        _ev(t, triplets(t / "b"), "--policy", str(_bytes(t / "pol" / "config.json", b"\xff{").parent)), t / "o",
+        ["pol", "not a FluxFillPipeline"]),
     "eval: policy missing its components": lambda t: (
         _ev(t, triplets(t / "b"), "--policy", str(_bytes(t / "pol" / "model_index.json", b"{}").parent)), t / "o",
         ["model_index.json", "transformer"]),

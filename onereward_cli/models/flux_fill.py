@@ -86,7 +86,7 @@ def read_policy_info(path) -> dict:
     f = Path(path) / POLICY_FILE
     try:
         info = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
         raise InputError(f"cannot read policy description ({e.__class__.__name__})", path=f) from None
     if not isinstance(info, dict):
         raise InputError("expected a JSON object", path=f)
@@ -165,7 +165,7 @@ def _fetch_subfolder(repo: str, sub: str, spec: str) -> Path:
 def _is_transformer_folder(d: Path) -> bool:
     try:
         return json.loads((d / "config.json").read_text()).get("_class_name") == "FluxTransformer2DModel"
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or not UTF-8
         return False
 
 
