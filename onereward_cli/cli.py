@@ -164,6 +164,8 @@ def annotate(
     _out(target, "--out", file=True)
     if oracle and import_:
         raise InputError("choose one of --oracle and --import", field="--oracle")
+    if not 0 <= port <= 65535:
+        raise InputError(f"must be in 0..65535, got {port}", field="--port")
     if oracle:
         stage.annotate_with_oracle(r, candidates_dir, target)
     elif import_:

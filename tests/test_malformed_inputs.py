@@ -173,6 +173,8 @@ CASES = {
         _ann(t, jsonl(t / "labels.jsonl", [label()]), entries=[{"index": 0, "path": "../../x.png"},
                                                                {"index": 1, "path": "images/s0/cand_1.png"}]),
         None, ["candidates.jsonl:1", "candidates[0].path"]),
+    "annotate: --port out of range": lambda t: (["annotate", str(candidates_dir(t / "cands")), "--port", "70000"],
+                                                None, ["--port"]),
     # export-pairs
     "export-pairs: candidates are strings": lambda t: (
         _pairs(t, [label()], entries=["images/s0/cand_0.png", "images/s0/cand_1.png"]), t / "o",
