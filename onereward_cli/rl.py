@@ -69,7 +69,8 @@ def load_conditions(recipe, data) -> list[Condition]:
     import numpy as np
 
     f = _resolve_data_file(data)
-    schema = {"id": ((str, int), True), "task": (str, True), "source": (str, True), "mask": (str, True)}
+    schema = {"id": ((str, int), True), "task": (str, True), "source": (str, True), "mask": (str, True),
+              "prompt": (str, False), "user_prompt": (str, False)}
     recs = read_jsonl(f, schema)
     if not recs:
         raise InputError("no conditions", path=f)
