@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .artifacts import (RunManifest, append_jsonl, open_image, read_jsonl, remove_stale_temps, save_png, validate_record,
-                        write_jsonl)
+from .artifacts import (RunManifest, append_jsonl, open_image, read_jsonl, remove_stale_temps, save_png,
+                        validate_record, write_jsonl)
 from .errors import InputError
 from .tasks import (TASK_KEYS, canvas_size, check_mask, extend_canvas, fit_size, load_user_mask, random_fill_mask,
                     removal_mask, resize_mask, sample_task, task_prompt)

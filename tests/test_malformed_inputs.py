@@ -180,7 +180,8 @@ CASES = {
         _pairs(t, [label()], entries=["images/s0/cand_0.png", "images/s0/cand_1.png"]), t / "o",
         ["candidates.jsonl:1", "candidates[0]"]),
     "export-pairs: candidate path escapes": lambda t: (
-        _pairs(t, [label()], entries=[{"index": 0, "path": "/etc/passwd"}, {"index": 1, "path": "images/s0/cand_1.png"}]),
+        _pairs(t, [label()], entries=[{"index": 0, "path": "/etc/passwd"},
+                                      {"index": 1, "path": "images/s0/cand_1.png"}]),
         t / "o", ["candidates.jsonl:1", "candidates[0].path"]),
     "export-pairs: empty annotations": lambda t: (_pairs(t, []), t / "o", ["annotations.jsonl", "no labels"]),
     "export-pairs: only 'no difference'": lambda t: (_pairs(t, [label(aesthetics="no difference")]), t / "o",
@@ -215,14 +216,15 @@ CASES = {
     "rl: prompt is a number": lambda t: (_rl(t, triplets(t / "c", prompt=7)), t / "o", ["triplets.jsonl:1", "prompt"]),
     "rl: data folder without conditions": lambda t: (_rl(t, _dir(t / "c")), t / "o", ["c", "candidates.jsonl"]),
     "rl: empty conditions": lambda t: (_rl(t, _bytes(t / "c.jsonl", b"")), t / "o", ["c.jsonl", "no conditions"]),
-    "rl: --resume without a checkpoint": lambda t: (_rl(t, triplets(t / "c")) + ["--resume"] + [str(_dir(t / "o"))][:0], t / "o",
+    "rl: --resume without a checkpoint": lambda t: (_rl(t, triplets(t / "c")) + ["--resume", "--out", str(_dir(t / "o"))],
+                                                    t / "o",
                                                     ["o", "no checkpoint"]),
     # eval
     "eval: benchmark not UTF-8": lambda t: (_ev(t, _bytes(t / "b.jsonl", NON_UTF8)), t / "o", ["b.jsonl:1"]),
     "eval: benchmark prompt is a number": lambda t: (_ev(t, triplets(t / "b", prompt=7)), t / "o",
                                                      ["triplets.jsonl:1", "prompt"]),
-    "eval: benchmark mask of another size": lambda t: (_ev(t, triplets(t / "b", mask=str(mask(t / "m2.png", (16, 24))))),
-                                                       t / "o", ["triplets.jsonl:1", "mask"]),
+    "eval: benchmark mask of another size": lambda t: (
+        _ev(t, triplets(t / "b", mask=str(mask(t / "m2.png", (16, 24))))), t / "o", ["triplets.jsonl:1", "mask"]),
     "eval: policy is not a policy": lambda t: (_ev(t, triplets(t / "b"), "--policy", str(_dir(t / "notpol"))),
                                                t / "o", ["notpol", "not a FluxFillPipeline"]),
     "eval: policy with a broken model_index.json": lambda t: (
