@@ -11,6 +11,7 @@ import io
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -48,6 +49,53 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+# What atomic_path's mkstemp leaves when killed (".name.<8 random chars>.ext"), tempfile's default
+# ".tmpXXXXXXXX" names, and the ".something.tmp" folders checkpoints are assembled in.
+_STALE_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}(\.[A-Za-z0-9]+)?$|^\.tmp[a-z0-9_]{8}|^\..+\.tmp$")
+
+
+def remove_stale_temps(root: str | os.PathLike) -> int:
+    """Delete the temp files and folders a killed run left under `root` (recursively). Call it only
+    when no other process writes there (single-process runs). Returns how many were removed."""
+    import shutil
+
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    n = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in list(dirnames):
+            if _STALE_TEMP.match(name):
+                shutil.rmtree(Path(dirpath) / name, ignore_errors=True)
+                dirnames.remove(name)
+                n += 1
+        for name in filenames:
+            if _STALE_TEMP.match(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(Path(dirpath) / name)
+                n += 1
+    return n
+
+
+def check_out_dir(path, field: str = "--out", *, file: bool = False) -> Path:
+    """Fail early, naming the option, when `path` cannot become an output folder (or, with file=True,
+    an output file): it, or the nearest existing folder above it, is a file or is not writable."""
+    path = Path(path)
+    if path.exists():
+        if file and path.is_dir():
+            raise InputError("is a folder, expected a file", path=path, field=field)
+        if not file and not path.is_dir():
+            raise InputError("exists and is not a folder", path=path, field=field)
+    up = path if (path.is_dir() and not file) else path.parent
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir():
+        raise InputError(f"cannot create it: {up} is a file", path=path, field=field)
+    if not os.access(up, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write there: {up} is not writable", path=path, field=field)
+    return path
 
 
 def write_bytes(path, data: bytes):
@@ -139,15 +187,33 @@ def _drop_torn_tail(fd: int):
 Schema = dict[str, tuple[Any, bool]]
 
 
+def read_utf8(path, field: str | None = None) -> str:
+    """A text file's contents, or InputError naming the first line that is not UTF-8."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e.__class__.__name__})", path=path, field=field) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise InputError("not UTF-8 text", path=path, line=data[:e.start].count(b"\n") + 1, field=field) from None
+
+
 def read_jsonl(path, schema: Schema | None = None, *, tolerate_torn_tail: bool = False,
                check: Callable[[dict, int], None] | None = None) -> list[dict]:
     """Read and validate every line. Blank lines are skipped. Raises InputError(file:line: field)."""
     path = Path(path)
     if not path.exists():
         raise InputError("file not found", path=path)
+    if path.is_dir():
+        raise InputError("is a folder, expected a JSONL file", path=path)
     out = []
-    with open(path, "rb") as f:
-        raw_lines = f.read().split(b"\n")
+    try:
+        with open(path, "rb") as f:
+            raw_lines = f.read().split(b"\n")
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e.__class__.__name__})", path=path) from None
     n = len(raw_lines)
     for i, raw in enumerate(raw_lines, start=1):
         if not raw.strip():

@@ -1,10 +1,37 @@
 """Training state as safetensors + JSON (nothing pickled), shared by `train-reward` and `rl`."""
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+from pathlib import Path
 
 import torch
+
+from .errors import InputError
+
+
+def file_sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_fingerprint(saved: dict, now: dict, ckpt, may_change) -> None:
+    """Refuse a --resume whose settings differ from those the checkpoint was trained with, naming every
+    differing key (a section's keys one by one). `may_change`: the keys a resume may change."""
+    def flat(d: dict) -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in flat(v).items()})
+            else:
+                out[k] = v
+        return out
+
+    a, b = flat(saved), flat(now)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        raise InputError(f"cannot resume: {', '.join(diff)} differ from the checkpoint's run (only "
+                         f"{', '.join(sorted(may_change))} may change)", path=ckpt)
 
 
 def lr_factor(step: int, warmup: int, schedule: str = "constant", total: int = 0) -> float:

@@ -1,6 +1,7 @@
 """The `onereward` command line. Each subcommand is thin: resolve the recipe, call the stage.
 
-Exit codes: 0 success, 2 bad input or usage (one line naming file, line and field), 1 unexpected failure.
+Exit codes: 0 success, 2 bad input or usage (one line naming file, line and field), 3 training aborted on
+non-finite losses (the last good checkpoint is kept), 1 unexpected failure.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer._click import exceptions as cx  # typer (>= 0.29) vendors click: its usage errors are these
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, TrainingAborted
 
 console = Console(stderr=True)
 app = typer.Typer(
@@ -34,6 +36,12 @@ def _recipe(name: str, overrides: Optional[List[str]]):
     from .recipe import load_recipe
 
     return load_recipe(name, overrides or [])
+
+
+def _out(path: Path, field: str = "--out", file: bool = False):
+    from .artifacts import check_out_dir
+
+    check_out_dir(path, field, file=file)
 
 
 def _version_cb(value: bool):
@@ -65,6 +73,8 @@ def tiny_models(
     """
     from .models.tiny import ZOO_MODELS, build_zoo, copy_trained_zoo, trained_zoo_dir
 
+    if out is not None:
+        _out(out, "OUT")
     if trained:
         d = copy_trained_zoo(out, force=force) if out is not None else trained_zoo_dir()
     else:
@@ -86,6 +96,7 @@ def synth(
     Example: onereward synth ./pool --n 200 --seed 0
     """
     r = _recipe(recipe, set_)
+    _out(out, "OUT")
     from . import synth as stage
 
     stage.run(r, out, n=n if n is not None else r.synth.n, seed=seed if seed is not None else r.seed)
@@ -104,6 +115,7 @@ def curate(
     Example: onereward curate ./pool --out ./curated --select 32
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import curate as stage
 
     stage.run(r, pool, out, select=select if select is not None else r.curate.select)
@@ -123,6 +135,7 @@ def generate(
     Example: onereward generate ./curated/curated.jsonl --out ./cands --candidates 4
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import generate as stage
 
     stage.run(r, input, out, candidates=candidates if candidates is not None else r.generate.candidates, limit=limit)
@@ -148,8 +161,11 @@ def annotate(
     from . import annotate as stage
 
     target = out or candidates_dir / "annotations.jsonl"
+    _out(target, "--out", file=True)
     if oracle and import_:
         raise InputError("choose one of --oracle and --import", field="--oracle")
+    if not 0 <= port <= 65535:
+        raise InputError(f"must be in 0..65535, got {port}", field="--port")
     if oracle:
         stage.annotate_with_oracle(r, candidates_dir, target)
     elif import_:
@@ -171,6 +187,7 @@ def export_pairs(
     Example: onereward export-pairs ./cands/annotations.jsonl --out ./data --test-fraction 0.2
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import pairs as stage
 
     stage.run(r, annotations, out, test_fraction=test_fraction if test_fraction is not None else r.pairs.test_fraction)
@@ -189,6 +206,7 @@ def train_reward(
     Example: onereward train-reward ./data/pairs --out ./reward
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import train_reward as stage
 
     stage.run(r, pairs_dir, out, resume=resume)
@@ -209,6 +227,7 @@ def rl(
     Example: onereward rl ./cands --reward-model ./reward/final --out ./rl-static
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import rl as stage
 
     stage.run(r, data, out, reward_model=reward_model, dynamic=dynamic, resume=resume)
@@ -234,6 +253,7 @@ def eval_(
              onereward eval --recipe eval-onereward-release --benchmark ./bench.jsonl --out ./eval
     """
     r = _recipe(recipe, set_)
+    _out(out)
     from . import evaluate as stage
 
     stage.run(r, policy=policy, benchmark=benchmark, out=out, compare=compare or None, reward_model=reward_model,
@@ -255,19 +275,45 @@ def demo(
         recipe = "replicate"  # the same tiny zoo with more data and steps, so the ablations can separate
         console.print("--replicate: using recipe 'replicate' (recipes/replicate.yaml)")
     r = _recipe(recipe, set_)
+    _out(out)
     from . import demo as stage
 
     stage.run(r, out, replicate=replicate)
 
 
+def _usage_line(e) -> str:
+    """A usage error as `<field>: <problem>`: the option it is about, else the command."""
+    if isinstance(e, cx.BadParameter) and not isinstance(e, cx.MissingParameter) and e.param is not None:
+        text = f"{e.param.get_error_hint().replace(chr(39), '')}: {e.message}"
+    else:
+        where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "onereward"
+        text = f"{where}: {e.format_message()}"
+    return " ".join(text.split())  # one line, whatever click wrapped
+
+
+def _error(text: str, code: int):
+    # escape: a path or value like "data/[test]/x" is text, not rich markup
+    console.print(f"[red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(args=argv)  # standalone: usage errors exit 2, success exits 0
-    except InputError as e:
-        # escape: a path or value like "data/[test]/x" is text, not rich markup
-        console.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        # not standalone: usage errors come here, to be printed as one line like every other bad input
+        rv = app(args=argv, standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:  # bare `onereward` / `onereward rl`: the help text
+        e.show()
         sys.exit(2)
+    except cx.ClickException as e:
+        _error(_usage_line(e), 2)
+    except typer.Abort:
+        console.print("[yellow]aborted[/]")
+        sys.exit(1)
+    except InputError as e:
+        _error(str(e), 2)
+    except TrainingAborted as e:
+        _error(str(e), 3)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
@@ -276,6 +322,7 @@ def main(argv=None):
         console.print(f"[red]unexpected failure:[/] {e.__class__.__name__}: {escape(str(e))}", highlight=False,
                       soft_wrap=True)
         sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)  # typer.Exit(code) comes back as its code
 
 
 if __name__ == "__main__":

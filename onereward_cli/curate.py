@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import RunManifest, read_jsonl, save_tensors, write_json, write_jsonl
+from .artifacts import RunManifest, read_jsonl, remove_stale_temps, save_tensors, write_json, write_jsonl
 from .errors import InputError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -882,6 +882,8 @@ def run(r, pool, out, select: int):
     t_list = time.perf_counter() - t_list
     emb_dir = out / "embeddings"
     emb_dir.mkdir(parents=True, exist_ok=True)
+    if world == 1:  # temp files of writes a kill interrupted (with several ranks, others may be writing)
+        remove_stale_temps(out)
     if rank == 0:
         for stale in ("curated.jsonl", "centroids.safetensors", "rejected.jsonl", "run.json"):
             (out / stale).unlink(missing_ok=True)

@@ -632,7 +632,8 @@ def run(r, *, policy: str | None = None, benchmark, out, compare=None, reward_mo
     reward_spec = reward_model or r.models.reward
     describe_policies(r, policies)
     if len(policies) > 1 and r.eval.gsb:
-        _check_model_spec(reward_spec, "--reward-model")
+        _check_model_spec(reward_spec, "--reward-model" if reward_model else "models.reward")
+    _check_metric_specs(r.eval.metrics)
     warnings: list[str] = []
     samples = load_benchmark(benchmark, r, warn=lambda m: (warnings.append(m),
                                                             console.print(f"[yellow]{escape(m)}[/]", soft_wrap=True)),
@@ -706,14 +707,33 @@ def run(r, *, policy: str | None = None, benchmark, out, compare=None, reward_mo
     return out / "metrics.json"
 
 
-def _check_model_spec(spec: str, field: str):
-    """Fail before any generation when a local model path plainly does not exist (the reward model: a
-    hub id is "owner/name", anything with more slashes is a path)."""
+def _check_model_spec(spec: str, field: str, config: bool = True):
+    """Fail before any generation when a local model path plainly cannot load: missing, an empty folder
+    or file, or (with `config`, the reward model) a folder without config.json. A hub id is
+    "owner/name"; anything with more slashes is a path."""
     if spec.startswith(("zoo:", "zoo-random:")):
         return
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
-    if looks_local and not Path(spec).expanduser().exists():
-        raise InputError("model folder not found", path=spec, field=field)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if looks_local:
+            raise InputError("model folder not found", path=spec, field=field)
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        raise InputError("model folder is empty", path=spec, field=field)
+    if path.is_dir() and config and not (path / "config.json").is_file():
+        raise InputError("not a model folder (no config.json)", path=spec, field=field)
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError("model file is empty", path=spec, field=field)
+
+
+def _check_metric_specs(mcfg):
+    """A configured metric whose checkpoint plainly cannot load is an error, not a quietly missing column."""
+    from .metrics import metric_specs
+
+    for name, spec in metric_specs(mcfg).items():
+        if spec and name != "oracle":
+            _check_model_spec(spec, f"eval.metrics.{name}", config=False)
 
 
 def _policy_json(p: Policy) -> dict:

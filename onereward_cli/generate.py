@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .artifacts import (RunManifest, append_jsonl, open_image, read_jsonl, save_png, validate_record,
-                        write_jsonl)
+from .artifacts import (RunManifest, append_jsonl, open_image, read_jsonl, remove_stale_temps, save_png,
+                        validate_record, write_jsonl)
 from .errors import InputError
 from .tasks import (TASK_KEYS, canvas_size, check_mask, extend_canvas, fit_size, load_user_mask, random_fill_mask,
                     removal_mask, resize_mask, sample_task, task_prompt)
@@ -483,6 +483,8 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     out = Path(out)
     if candidates < 2:
         raise InputError("need at least 2 candidates to pick a best and a worst", field="--candidates")
+    if limit < 0:
+        raise InputError(f"must be >= 0 (0 = all), got {limit}", field="--limit")
     recipe, sources = policy_recipe(recipe)
     state = _dist_state(recipe)
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
@@ -495,36 +497,42 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
         _check_existing(existing, candidates, out)
     if state is not None:
         state.wait_for_everyone()  # every rank has read the same done set before anyone appends
+    if world == 1:  # temp files of writes a kill interrupted (with several ranks, others may be writing)
+        remove_stale_temps(out)
     done = {r["id"] for r in existing}
     pending = [s for s in samples if s.id not in done]
+    g = recipe.generate
     # Split by position in the input, not among pending samples, so a rank's share never depends on
-    # what the others have finished already.
-    mine = [s for i, s in enumerate(samples) if i % world == rank and s.id not in done]
-    need = [s for s in mine if s.needs_object]
-    if need and recipe.models.segmenter:
+    # what the others have finished already. Chunks (and so batches, whose numerics differ slightly
+    # with their make-up) come from that full ordered share too: a resumed run forms exactly the
+    # batches of an uninterrupted one, skipping finished chunks and redoing a partly written one.
+    per_chunk = max(1, (4 * g.batch_size) // candidates)  # enough jobs to fill batches of equal steps
+    share = [s for i, s in enumerate(samples) if i % world == rank]
+    chunks = [share[c:c + per_chunk] for c in range(0, len(share), per_chunk)]
+    chunks = [c for c in chunks if any(s.id not in done for s in c)]
+    need = [s for c in chunks for s in c if s.needs_object]
+    if need and recipe.models.segmenter:  # picks are cached in segments.jsonl: done samples cost nothing
         with man.timed("segment"):
             segment_objects(recipe, need, out, *_device_dtype(recipe, state))
-    mine = [s for s in mine if not s.needs_object or s.object_mask is not None]
+    chunks = [[s for s in c if not s.needs_object or s.object_mask is not None] for c in chunks]
+    chunks = [c for c in chunks if any(s.id not in done for s in c)]
     target = out / CANDIDATES if world == 1 else _part_path(out, rank)
     if is_main and done:
         console.print(f"generate: {len(samples) - len(pending)} of {len(samples)} samples already in "
                       f"{out / CANDIDATES}; resuming", highlight=False)
 
-    if mine:
+    if chunks:
         device, dtype = _device_dtype(recipe, state)
         with man.timed("load"):
             pipe = load_fill_pipeline(recipe.models.policy, device=device, dtype=dtype,
                                       default_base=recipe.models.fill_pipeline or None)
             pipe.set_progress_bar_config(disable=True)
-        g = recipe.generate
-        per_chunk = max(1, (4 * g.batch_size) // candidates)  # enough jobs to fill batches of equal steps
         cols = [TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TextColumn("candidates"),
                 TimeRemainingColumn()]
         with Progress(*cols, console=console, transient=True, disable=not is_main) as prog, man.timed("generate"):
-            bar = prog.add_task("generate", total=len(mine) * candidates)
-            for c0 in range(0, len(mine), per_chunk):
-                chunk = mine[c0:c0 + per_chunk]
-                _run_chunk(pipe, recipe, chunk, out, target, prog, bar)
+            bar = prog.add_task("generate", total=sum(len(c) for c in chunks) * candidates)
+            for chunk in chunks:
+                _run_chunk(pipe, recipe, chunk, out, target, prog, bar, skip=done)
     if state is not None:
         state.wait_for_everyone()
     if is_main:
@@ -557,8 +565,9 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     return out / CANDIDATES
 
 
-def _run_chunk(pipe, recipe, chunk: list[Sample], out: Path, target: Path, prog, bar):
-    """Generate every candidate of a few samples, batched by (size, steps, CFG on/off); append records."""
+def _run_chunk(pipe, recipe, chunk: list[Sample], out: Path, target: Path, prog, bar, skip=frozenset()):
+    """Generate every candidate of a few samples, batched by (size, steps, CFG on/off); append the
+    records of those not in `skip` (finished before a resume: generated again only to batch alike)."""
     import torch
 
     jobs, conds = [], {}
@@ -584,6 +593,8 @@ def _run_chunk(pipe, recipe, chunk: list[Sample], out: Path, target: Path, prog,
                 results[(j["sample"].id, j["cand"]["index"])] = _to_png(im)
             prog.advance(bar, len(batch))
     for s in chunk:
+        if s.id in skip:
+            continue
         src, mask = conds[s.id]
         d = out / "images" / s.id
         save_png(d / "source.png", src.convert("RGB"))

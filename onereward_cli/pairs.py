@@ -32,6 +32,34 @@ CANDIDATES_SCHEMA = {"id": ((str, int), True), "task": (str, True), "source": (s
                      "candidates": (list, True)}
 
 
+def check_candidates(rec: dict, path: Path) -> dict:
+    """A candidates.jsonl record: `candidates` a list of {"index": i, "path": "..."} numbered 0..n-1, and
+    every image path relative and inside the candidates folder (the pairs point into it)."""
+    from .annotate import _inside
+
+    line = rec.get("_line")
+
+    def inside(rel: str, field: str):
+        if _inside(path.parent, rel) is None:
+            raise InputError(f"path '{rel}' must be relative and stay inside {path.parent}", path=path, line=line,
+                             field=field)
+
+    for i, c in enumerate(rec["candidates"]):
+        where = f"candidates[{i}]"
+        if not isinstance(c, dict):
+            raise InputError(f"expected an object with index and path, got {type(c).__name__} {c!r}", path=path,
+                             line=line, field=where)
+        if not isinstance(c.get("path"), str) or not c["path"]:
+            raise InputError("missing or not a string", path=path, line=line, field=f"{where}.path")
+        if c.get("index", i) != i or isinstance(c.get("index"), bool):
+            raise InputError(f"expected {i} (candidates are numbered in order), got {c.get('index')!r}", path=path,
+                             line=line, field=f"{where}.index")
+        inside(c["path"], f"{where}.path")
+    for name in ("source", "mask"):
+        inside(rec[name], name)
+    return rec
+
+
 def resolve_inputs(annotations) -> tuple[Path, Path]:
     """(annotations.jsonl, candidates.jsonl) from either the annotations file or the candidates folder."""
     p = Path(annotations)
@@ -160,13 +188,21 @@ def run(recipe, annotations, out, test_fraction: float):
     if not 0 <= test_fraction < 1:
         raise InputError(f"must be in [0, 1), got {test_fraction}", field="--test-fraction")
     ann_path, cand_path = resolve_inputs(annotations)
-    samples = {str(r["id"]): r for r in read_jsonl(cand_path, CANDIDATES_SCHEMA, tolerate_torn_tail=True)}
+    samples = {str(r["id"]): check_candidates(r, cand_path)
+               for r in read_jsonl(cand_path, CANDIDATES_SCHEMA, tolerate_torn_tail=True)}
     positions: list[tuple[int, int, int]] = []
     labels = load_labels(recipe, ann_path, samples, positions)
+    if not labels:  # an empty export would only fail later, in train-reward
+        raise InputError("no labels (empty, or every label was retracted)", path=ann_path)
     out = Path(out)
     pairs_dir = out / "pairs"
-    man = RunManifest("export-pairs", out, recipe, inputs={"annotations": ann_path, "candidates": cand_path})
     pairs = make_pairs(recipe, labels, samples, cand_path.parent.resolve(), pairs_dir.resolve())
+    if not pairs:
+        why = (f"no (sample, dimension) has {recipe.pairs.min_annotators}+ annotators who agree"
+               if recipe.pairs.agreement == "agree" else "every label is \"no difference\"")
+        raise InputError(f"no pairs: {why}", path=ann_path, field="pairs.agreement"
+                         if recipe.pairs.agreement == "agree" else "labels")
+    man = RunManifest("export-pairs", out, recipe, inputs={"annotations": ann_path, "candidates": cand_path})
     test_ids = split_samples({p["sample_id"]: p["task"] for p in pairs}, test_fraction, recipe.seed)
     train = [p for p in pairs if p["sample_id"] not in test_ids]
     test = [p for p in pairs if p["sample_id"] in test_ids]

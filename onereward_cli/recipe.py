@@ -169,6 +169,8 @@ class RewardConfig:
     eval_every: int = 50
     save_every: int = 50
     max_grad_norm: float = 1.0
+    # Steps with a NaN/inf loss are skipped; this many abort the run (exit code 3, checkpoints kept).
+    max_nonfinite: int = 5
 
 
 LR_SCHEDULES = ("constant", "cosine", "linear")  # after the warmup (checkpointing.lr_factor)
@@ -202,6 +204,7 @@ class RLConfig:
     # Learning rate: linear warmup over lr_warmup steps, then constant | cosine | linear decay to 0 at rl.steps.
     lr_warmup: int = 0
     lr_schedule: str = "constant"
+    # Steps with a NaN/inf loss are skipped; this many abort the run (exit code 3, checkpoints kept).
     max_nonfinite: int = 5
     save_every: int = 10
     eval_every: int = 0
@@ -379,6 +382,8 @@ def _coerce(value, tp, key: str):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"expected a number, got {value!r}", field=key)
+        if not math.isfinite(value):  # .inf / .nan: no recipe number means anything infinite
+            raise InputError(f"must be a finite number, got {value!r}", field=key)
         return float(value)
     if tp is str:
         if value is None:
@@ -441,6 +446,7 @@ def validate(r: Recipe) -> Recipe:
     _check(r.device in ("auto", "cpu", "cuda") or r.device.startswith("cuda:"), "device",
            "must be auto, cpu or cuda[:N]")
     _check(r.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
+    _check(r.seed >= 0, "seed", "must be >= 0 (numpy seeds are unsigned)")
     total = sum(t.probability for t in r.tasks.values())
     _check(len(r.tasks) > 0, "tasks", "at least one task is needed")
     for k, t in r.tasks.items():
@@ -485,6 +491,7 @@ def validate(r: Recipe) -> Recipe:
            "need 0 < fill_min_frac <= fill_max_frac < 1")
     _check(1 < m.extend_min_ratio <= m.extend_max_ratio, "generate.masks.extend_min_ratio",
            "need 1 < extend_min_ratio <= extend_max_ratio")
+    _check(0 <= m.stroke_probability <= 1, "generate.masks.stroke_probability", "must be in [0, 1]")
     _check(m.removal_dilate >= 0, "generate.masks.removal_dilate", "must be >= 0")
     _check(0 <= m.segment_min_area < m.segment_max_area <= 1, "generate.masks.segment_min_area",
            "need 0 <= segment_min_area < segment_max_area <= 1")
@@ -520,11 +527,14 @@ def validate(r: Recipe) -> Recipe:
            "must be no or bf16 (fp16 needs loss scaling, which is not implemented)")
     _check(w.epochs >= 1 or w.max_steps > 0, "reward.epochs", "must be >= 1 (or set reward.max_steps)")
     _check(w.max_steps >= 0, "reward.max_steps", "must be >= 0 (0 = epochs decide)")
-    _check(w.eval_every >= 0 and w.save_every >= 0, "reward.eval_every", "must be >= 0 (0 = only at the end)")
+    _check(w.eval_every >= 0, "reward.eval_every", "must be >= 0 (0 = only at the end)")
+    _check(w.save_every >= 0, "reward.save_every", "must be >= 0 (0 = only at the end)")
+    _check(w.max_nonfinite >= 1, "reward.max_nonfinite", "must be >= 1")
     _check(w.log_every >= 1, "reward.log_every", "must be >= 1")
     _check(w.warmup_steps >= 0, "reward.warmup_steps", "must be >= 0")
     _check(w.keep_checkpoints >= 1, "reward.keep_checkpoints", "must be >= 1")
-    _check(w.lora_rank >= 1 and w.lora_alpha > 0, "reward.lora_rank", "LoRA rank and alpha must be positive")
+    _check(w.lora_rank >= 1, "reward.lora_rank", "LoRA rank must be >= 1")
+    _check(w.lora_alpha > 0, "reward.lora_alpha", "must be positive")
     _check(0.0 <= w.lora_dropout < 1.0, "reward.lora_dropout", "must be in [0, 1)")
     _check(len(w.lora_targets) > 0, "reward.lora_targets", "name at least one module")
     _check(w.max_grad_norm >= 0, "reward.max_grad_norm", "must be >= 0 (0 = no clipping)")
@@ -545,9 +555,19 @@ def validate(r: Recipe) -> Recipe:
     _check(q.steps >= 1, "rl.steps", "must be >= 1")
     _check(q.lr_warmup >= 0, "rl.lr_warmup", "must be >= 0 (steps)")
     _check(q.lr_schedule in LR_SCHEDULES, "rl.lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
-    _check(q.save_every >= 0 and q.eval_every >= 0, "rl.save_every", "must be >= 0")
     _check(q.heldout_n >= 1, "rl.heldout_n", "must be >= 1")
+    _check(q.save_every >= 0, "rl.save_every", "must be >= 0 (0 = only at the end)")
+    _check(q.eval_every >= 0, "rl.eval_every", "must be >= 0 (0 = never)")
+    _check(q.log_every >= 1, "rl.log_every", "must be >= 1")
+    _check(q.lora_rank >= 1, "rl.lora_rank", "LoRA rank must be >= 1")
+    _check(q.lora_alpha > 0, "rl.lora_alpha", "must be positive")
+    _check(q.guidance >= 0, "rl.guidance", "must be >= 0")
+    _check(q.true_cfg >= 1.0, "rl.true_cfg", "must be >= 1 (1 = no true CFG)")
+    _check(q.max_sequence_length > 0, "rl.max_sequence_length", "must be positive")
+    _check(q.max_grad_norm >= 0, "rl.max_grad_norm", "must be >= 0 (0 = no clipping)")
+    _check(q.max_nonfinite >= 1, "rl.max_nonfinite", "must be >= 1")
     e = r.eval
+    _check(e.seed >= 0, "eval.seed", "must be >= 0")
     _check(e.steps >= 1, "eval.steps", "must be >= 1")
     _check(e.resolution > 0 and e.resolution % 16 == 0, "eval.resolution", "must be a positive multiple of 16")
     _check(e.batch_size > 0, "eval.batch_size", "must be positive")

@@ -116,7 +116,8 @@ def run_seed(recipe, root: Path):
     for name, dynamic in (("rl-static", False), ("rl-dynamic", True)):
         out = root / name
         ph.run(name, lambda out=out, dynamic=dynamic: rl.run(r, conds, out, reward_model=reward_model, dynamic=dynamic,
-                                                             heldout=bench, resume=(out / "checkpoints").exists()))
+                                                             heldout=bench,
+                                                             resume=(out / "checkpoints" / "latest.json").exists()))
     ph.run("eval", lambda: evaluate.run(r, policy=str(root / "rl-static" / "policy"), benchmark=bench,
                                         out=root / "eval", compare=[r.models.policy, str(root / "rl-dynamic" / "policy")],
                                         reward_model=reward_model, human=None))

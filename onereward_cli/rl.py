@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .artifacts import (RunManifest, append_jsonl, load_tensors, open_image, read_jsonl, save_tensors,
-                        write_json)
-from .checkpointing import make_scheduler, optimizer_from_files, optimizer_to_files
-from .errors import InputError
+from .artifacts import (RunManifest, append_jsonl, load_tensors, open_image, read_jsonl, remove_stale_temps,
+                        save_tensors, write_json)
+from .checkpointing import check_fingerprint, file_sha256, make_scheduler, optimizer_from_files, optimizer_to_files
+from .errors import InputError, TrainingAborted
 from .recipe import resolve_device, torch_dtype
 from .tasks import TASK_KEYS, check_mask, fit_size, task_prompt
 
@@ -69,7 +69,8 @@ def load_conditions(recipe, data) -> list[Condition]:
     import numpy as np
 
     f = _resolve_data_file(data)
-    schema = {"id": ((str, int), True), "task": (str, True), "source": (str, True), "mask": (str, True)}
+    schema = {"id": ((str, int), True), "task": (str, True), "source": (str, True), "mask": (str, True),
+              "prompt": (str, False), "user_prompt": (str, False)}
     recs = read_jsonl(f, schema)
     if not recs:
         raise InputError("no conditions", path=f)
@@ -283,7 +284,38 @@ def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool,
 # ----------------------------------------------------------------------------------------------
 # Checkpoints: safetensors for tensors, JSON for the rest; nothing pickled
 # ----------------------------------------------------------------------------------------------
-def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: dict):
+# Keys a --resume may change: they decide how long to run and what to log, not the math done so far.
+_RESUMABLE_KEYS = ("steps", "save_every", "eval_every", "heldout_n", "log_every", "max_nonfinite")
+
+
+def run_fingerprint(recipe, data_file: Path, reward_spec: str, dynamic: bool, world: int) -> dict:
+    """What a checkpoint must agree with to be resumed (stored in its state.json)."""
+    from .recipe import to_plain
+
+    w = recipe.reward  # the scorer's query and P(yes) settings shape the reward
+    return {"models.policy": recipe.models.policy, "reward_model": reward_spec, "dynamic": dynamic,
+            "seed": recipe.seed, "dtype": recipe.dtype, "tasks": to_plain(recipe.tasks),
+            "rl": {k: v for k, v in to_plain(recipe.rl).items() if k not in _RESUMABLE_KEYS},
+            "reward": {k: getattr(w, k) for k in ("query_mode", "bold", "normalise", "yes_token", "no_token",
+                                                  "image_size")},
+            "data_sha256": file_sha256(data_file), "processes": world}
+
+
+def check_resume(out: Path, fingerprint: dict):
+    """--resume: the checkpoint must exist and have been trained with the same settings."""
+    latest = out / "checkpoints" / "latest.json"
+    if not latest.is_file():
+        raise InputError("--resume: no checkpoint here (run without --resume to start)", path=out)
+    try:
+        ck = out / "checkpoints" / json.loads(latest.read_text())["path"]
+        state = json.loads((ck / "state.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"--resume: unreadable checkpoint ({e.__class__.__name__})", path=latest) from None
+    if "fingerprint" in state:  # checkpoints written before 0.2 carry none
+        check_fingerprint(state["fingerprint"], fingerprint, ck, ["rl." + k for k in _RESUMABLE_KEYS])
+
+
+def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: dict, fingerprint=None):
     ck = out / "checkpoints" / f"step-{step:06d}"
     tmp = ck.with_name(f".{ck.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -294,7 +326,8 @@ def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: 
     save_tensors(tmp / "optimizer.safetensors", ot or {"_empty": torch.zeros(1)})
     save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
     write_json(tmp / "state.json", {"step": step, "optimizer": ometa, "scheduler": sched.state_dict(),
-                                    "lr_schedule": lr_record(policy.cfg), "counters": counters})
+                                    "lr_schedule": lr_record(policy.cfg), "counters": counters,
+                                    "fingerprint": fingerprint})
     shutil.rmtree(ck, ignore_errors=True)
     tmp.rename(ck)
     write_json(out / "checkpoints" / "latest.json", {"step": step, "path": ck.name})
@@ -647,20 +680,25 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
     out = Path(out)
     cfg = recipe.rl
     conds = load_conditions(recipe, data)  # validate everything before any output is written
-    if out.exists() and (out / "checkpoints").exists() and not resume:
+    if (out / "checkpoints" / "latest.json").exists() and not resume:
         raise InputError("output folder already holds a run; pass --resume to continue it or choose another --out",
                          path=out)
     reward_spec = reward_model or recipe.models.reward
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(recipe.device == "cpu"))
     rank = acc.process_index
+    fingerprint = run_fingerprint(recipe, _resolve_data_file(data), reward_spec, dynamic, acc.num_processes)
+    if resume:
+        check_resume(out, fingerprint)
     heldout_conds = load_conditions(recipe, heldout) if heldout else conds
     trainer = Trainer(recipe, conds, reward_spec, dynamic, accelerator=acc, extra_conds=heldout_conds)
     man = RunManifest("rl-dynamic" if dynamic else "rl", out, recipe,
                       inputs={"data": _resolve_data_file(data), "reward_model": reward_spec})
     out.mkdir(parents=True, exist_ok=True)
+    if acc.num_processes == 1:  # temp files and half-assembled checkpoints of a killed run
+        remove_stale_temps(out)
     start, counters = 0, {"nonfinite": 0}
     log_path = out / "log.jsonl"
-    if resume and (out / "checkpoints" / "latest.json").exists():
+    if resume:
         start, counters = load_checkpoint(out, trainer.policy, trainer.opt, trainer.sched)
         console.print(f"rl: resumed at step {start}")
         _truncate_log(log_path, start)
@@ -683,7 +721,8 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
                 console.print(f"[yellow]warning:[/] step {step}: non-finite loss, step skipped "
                               f"({counters['nonfinite']}/{cfg.max_nonfinite})")
                 if counters["nonfinite"] >= cfg.max_nonfinite:
-                    raise RuntimeError(f"aborting: {counters['nonfinite']} non-finite losses (rl.max_nonfinite)")
+                    raise TrainingAborted(_abort_message(out, counters["nonfinite"], step), path=out,
+                                          field="rl.max_nonfinite")
                 prog.advance(bar)
                 continue
             lr = trainer.sched.get_last_lr()[0]  # the lr this step trains with
@@ -704,10 +743,10 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
                         tb.add_scalar("heldout/oracle", rec["heldout_oracle"], step + 1)
             prog.update(bar, advance=1, info=f"loss {rec['loss']:.3f} reward {rec['mean_reward']:.3f}")
             if acc.is_main_process and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                save_checkpoint(out, step + 1, trainer.policy, trainer.opt, trainer.sched, counters)
+                save_checkpoint(out, step + 1, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint)
             acc.wait_for_everyone()
     if acc.is_main_process:
-        save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters)
+        save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint)
         from diffusers import FluxFillPipeline
 
         tr = trainer.policy.transformer
@@ -728,6 +767,13 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
                       + (f", reward curves -> {png}" if png else ""))
     acc.wait_for_everyone()
     return out
+
+
+def _abort_message(out: Path, n: int, step: int) -> str:
+    latest = out / "checkpoints" / "latest.json"
+    kept = (f"last good checkpoint {out / 'checkpoints' / json.loads(latest.read_text())['path']}"
+            if latest.is_file() else "no checkpoint was saved yet")
+    return f"training aborted at step {step + 1}: {n} non-finite losses; {kept}"
 
 
 def _truncate_log(log_path: Path, step: int):

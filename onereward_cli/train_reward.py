@@ -31,13 +31,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpointing import make_scheduler, optimizer_from_files, optimizer_to_files, rng_from_files, rng_to_files
-from .errors import InputError
+from .checkpointing import (check_fingerprint, make_scheduler, optimizer_from_files, optimizer_to_files,
+                            rng_from_files, rng_to_files)
+from .errors import InputError, TrainingAborted
 from .reward import (REWARD_META, ImageCache, RewardScorer, accuracy_report, accuracy_table, build_query,
                      eq3_loss, load_pairs, pair_batch_inputs, save_accuracy, score_pairs, yes_no_logprobs)
 
 # Keys that may change between a run and its --resume (they do not change the math done so far).
-_RESUMABLE_KEYS = {"max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every"}
+_RESUMABLE_KEYS = {"max_steps", "epochs", "eval_every", "save_every", "keep_checkpoints", "log_every", "max_nonfinite"}
 CKPT_DIR = "checkpoints"
 
 
@@ -71,16 +72,7 @@ def _fingerprint(r, train_path: Path, world: int) -> dict:
 
 
 def _check_fingerprint(saved: dict, now: dict, ckpt: Path):
-    diff = []
-    for k in sorted(set(saved) | set(now)):
-        a, b = saved.get(k), now.get(k)
-        if k == "reward" and isinstance(a, dict) and isinstance(b, dict):
-            diff += [f"reward.{kk}" for kk in sorted(set(a) | set(b)) if a.get(kk) != b.get(kk)]
-        elif a != b:
-            diff.append(k)
-    if diff:
-        raise InputError(f"cannot resume: {', '.join(diff)} differ from the checkpoint's run (only "
-                         f"{', '.join(sorted('reward.' + k for k in _RESUMABLE_KEYS))} may change)", path=ckpt)
+    check_fingerprint(saved, now, ckpt, ["reward." + k for k in _RESUMABLE_KEYS])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,7 +181,8 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
     from accelerate.utils import DistributedType
     from rich.console import Console
 
-    from .artifacts import RunManifest, load_tensors, read_jsonl, save_tensors, write_json, write_jsonl
+    from .artifacts import (RunManifest, load_tensors, read_jsonl, remove_stale_temps, save_tensors, write_json,
+                            write_jsonl)
 
     w = r.reward
     out = Path(out)
@@ -251,6 +244,8 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if world == 1:  # temp files and half-assembled checkpoints of a killed run
+            remove_stale_temps(out)
     accelerator.wait_for_everyone()
 
     def progress_bar():
@@ -322,18 +317,22 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
 
         writer = SummaryWriter(str(out / "logs"), purge_step=step if state is not None else None)
     history_path = out / "eval_history.jsonl"
+    kept = []
     if main and history_path.is_file():  # drop evaluations made after the checkpoint we resume from
-        kept = [{k: v for k, v in h.items() if not k.startswith("_")} for h in read_jsonl(history_path)
-                if h.get("step", 0) <= step]
+        kept = [{k: v for k, v in h.items() if not k.startswith("_")}
+                for h in read_jsonl(history_path, tolerate_torn_tail=True) if h.get("step", 0) <= step]
         write_jsonl(history_path, kept)
 
-    def log_eval(report, at_step):
+    def log_eval(report, at_step, final=False):
         if not main or report is None:
             return
+        if final and any(h.get("final") and h.get("step") == at_step for h in kept):
+            return  # a resume of a finished run: its final evaluation is in the history already
         from .artifacts import append_jsonl
 
         append_jsonl(history_path, {"step": at_step, "overall": report["overall"],
-                                    "cells": {f"{c['task']}/{c['dimension']}": c["accuracy"] for c in report["cells"]}})
+                                    "cells": {f"{c['task']}/{c['dimension']}": c["accuracy"] for c in report["cells"]},
+                                    **({"final": True} if final else {})})
         writer.add_scalar("eval/accuracy", report["overall"]["accuracy"], at_step)
         writer.add_scalar("eval/symmetric_accuracy", report["overall"]["symmetric_accuracy"], at_step)
         writer.add_scalar("eval/position_bias", report["overall"]["position_bias"], at_step)
@@ -362,6 +361,7 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
         if main:
             write_json(tmp / "state.json", {
                 "step": at_step, "micro": micro, "epoch": micro // per_epoch, "loss": last_loss,
+                "nonfinite": nonfinite,
                 "fingerprint": fingerprint,
                 "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
@@ -376,6 +376,8 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
     images = ImageCache()
     loss_acc, n_acc = 0.0, 0
     last_loss = state.get("loss") if state is not None else None
+    nonfinite = state.get("nonfinite", 0) if state is not None else 0
+    stepped = False  # did this accumulation window update the weights (not every micro-batch was NaN)?
     t0 = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task("train-reward", total=total_steps, completed=step, info="")
@@ -387,22 +389,37 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
                 tensors, seqs = pair_batch_inputs(chunk, [queries[i] for i in idx], images)
                 lp = yes_no_logprobs(scorer.logits(tensors, seqs), scorer.yes_id, scorer.no_id)
                 loss = eq3_loss(lp[0::2], lp[1::2])
-                accelerator.backward(loss)
+                finite = _all_finite(loss, world)
                 grad_norm = None
-                if accelerator.sync_gradients and w.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(params, w.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if finite:
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and w.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(params, w.max_grad_norm)
+                    optimizer.step()
+                    stepped |= accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped
+                optimizer.zero_grad(set_to_none=True)  # at a window end: also drops a skipped window
             micro += 1
-            loss_acc += float(loss.detach())
-            n_acc += 1
+            if not finite:  # skipped, like rl: a few NaN batches are noise, many mean a diverged run
+                nonfinite += 1
+                console.print(f"[yellow]warning:[/] step {step + 1}: non-finite loss, batch skipped "
+                              f"({nonfinite}/{w.max_nonfinite})")
+                if nonfinite >= w.max_nonfinite:
+                    kept_ck = list_checkpoints(out)
+                    raise TrainingAborted(f"training aborted at step {step + 1}: {nonfinite} non-finite losses; "
+                                          + (f"last good checkpoint {kept_ck[-1]}" if kept_ck else
+                                             "no checkpoint was saved yet"), path=out, field="reward.max_nonfinite")
+            else:
+                loss_acc += float(loss.detach())
+                n_acc += 1
             if not accelerator.sync_gradients:
                 continue
-            if not accelerator.optimizer_step_was_skipped:
+            if stepped:
                 scheduler.step()
+            stepped = False
             step += 1
-            mean_loss = torch.tensor(loss_acc / n_acc, device=accelerator.device)
-            last_loss = float(accelerator.reduce(mean_loss, reduction="mean")) if world > 1 else float(mean_loss)
+            if n_acc:
+                mean_loss = torch.tensor(loss_acc / n_acc, device=accelerator.device)
+                last_loss = float(accelerator.reduce(mean_loss, reduction="mean")) if world > 1 else float(mean_loss)
             loss_acc, n_acc = 0.0, 0
             if main and (step % w.log_every == 0 or step == total_steps):
                 writer.add_scalar("train/loss", last_loss, step)
@@ -423,7 +440,7 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
     if test:
         with manifest.timed("eval_final"):
             final_report = run_eval("final eval")
-        log_eval(final_report, step)
+        log_eval(final_report, step, final=True)
     final_dir = out / "final"
     unwrapped = accelerator.unwrap_model(judge).model
     full_state = accelerator.get_state_dict(judge) if sharded else None
@@ -467,6 +484,14 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final_dir
+
+
+def _all_finite(loss, world: int) -> bool:
+    """Whether every rank's loss is finite: all ranks skip a batch together, or DDP's all-reduce hangs."""
+    ok = torch.isfinite(loss.detach()).float().reshape(1)
+    if world > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item() == 1)
 
 
 def _gather(accelerator, value) -> list:

@@ -140,9 +140,15 @@ def test_resume_after_interruption_gives_the_same_selection(synth_pool, referenc
         curate.run(r, synth_pool, out, select=7)
     assert sorted(p.name for p in (out / "embeddings").glob("shard-*")) == ["shard-000000.safetensors"]
     assert not (out / "curated.jsonl").exists()
+    # what a SIGKILL in the middle of atomic writes leaves: cleaned by the next run
+    stale = [out / "embeddings" / ".tmpa1b2c3d4", out / "embeddings" / ".index.json.x9y8z7w6.json",
+             out / ".curated.jsonl.abcdefgh.jsonl"]
+    for p in stale:
+        p.write_bytes(b"half")
     monkeypatch.setattr(curate, "_after_shard_written", None)
     curate.run(r, synth_pool, out, select=7)
     assert (out / "curated.jsonl").read_bytes() == (reference / "curated.jsonl").read_bytes()
+    assert not [p for p in stale if p.exists()]
     emb = run_json(out)["embedding"]
     assert (emb["shards_reused"], emb["shards_computed"]) == (1, 3)
     # a lost last shard: only it is recomputed

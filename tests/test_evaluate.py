@@ -93,10 +93,15 @@ def test_eval_cli_two_policies_end_to_end(zoo, bench, trained_policy, tmp_path, 
                      f"s0,{p_label},aesthetics,4\ns0,zoo:flux-fill,aesthetics,4\n"
                      f"s3,{p_label},removal quality,1\ns3,zoo:flux-fill,removal quality,0\n"
                      "s3,Photoshop,removal quality,1\n")
+    # A checkpoint that exists but fails to load is recorded; the other metrics go on (an absent or empty
+    # one is a bad input: tests/test_malformed_inputs.py).
+    broken = tmp_path / "no-such-imagereward"
+    broken.mkdir()
+    (broken / "ImageReward.pt").write_bytes(b"not a checkpoint")
     argv = ["eval", "--policy", str(trained_policy), "--compare", "zoo:flux-fill", "--benchmark", str(bench),
             "--out", str(out), "--human", str(human),
             "--set", f"eval.metrics.hpsv2={Path(zoo) / 'open-clip'}",
-            "--set", f"eval.metrics.imagereward={tmp_path / 'no-such-imagereward'}"]
+            "--set", f"eval.metrics.imagereward={broken}"]
     assert _cli(argv) == 0, capsys.readouterr().err
     err = " ".join(capsys.readouterr().err.split())
     assert "metric imagereward failed" in err and "no-such-imagereward" in err

@@ -120,9 +120,24 @@ def test_later_record_of_an_annotator_wins(tmp_path):
     cand = tmp_path / "cands"
     _candidates(cand, n_samples=4)
     ann = _write(cand, [_ann("s3", "removal", {"removal quality": {"best": 0, "worst": 1}}),
+                        _ann("s0", "fill", {"consistency": {"best": 0, "worst": 1}}),
                         _ann("s3", "removal", {"removal quality": "no difference"})])
     P.run(load_recipe("tiny"), ann, tmp_path / "o", test_fraction=0.0)
-    assert _read(tmp_path / "o/pairs/train.jsonl") == []
+    assert [p["sample_id"] for p in _read(tmp_path / "o/pairs/train.jsonl")] == ["s0"]
+
+
+@pytest.mark.parametrize("rows,match,field", [
+    ([], "no labels", None),
+    ([_ann("s3", "removal", {"removal quality": "no difference"})], "no pairs", "labels"),
+])
+def test_an_export_without_pairs_is_an_error(tmp_path, rows, match, field):
+    cand = tmp_path / "cands"
+    _candidates(cand, n_samples=4)
+    ann = _write(cand, rows)
+    with pytest.raises(InputError, match=match) as e:
+        P.run(load_recipe("tiny"), ann, tmp_path / "o", test_fraction=0.0)
+    assert e.value.field == field and e.value.path == ann
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("row,match,field", [
@@ -226,3 +241,25 @@ def test_position_bias_counts_shown_positions(tmp_path, capsys):
     with pytest.raises(InputError, match="permutation") as e:
         P.run(load_recipe("tiny"), _write(cand, rows), tmp_path / "bad", test_fraction=0.0)
     assert e.value.line == 1 and e.value.field == "order"
+
+
+@pytest.mark.parametrize("entry,field", [
+    ("images/s0/cand_0.png", "candidates[0]"),
+    ({"index": 0}, "candidates[0].path"),
+    ({"index": 2, "path": "images/s0/cand_0.png"}, "candidates[0].index"),
+    ({"index": 0, "path": "../../etc/passwd"}, "candidates[0].path"),
+    ({"index": 0, "path": "/etc/passwd"}, "candidates[0].path"),
+])
+def test_malformed_candidate_entries_name_line_and_field(tmp_path, entry, field):
+    cand = tmp_path / "cands"
+    _candidates(cand, n_samples=4)
+    lines = (cand / "candidates.jsonl").read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["candidates"][0] = entry
+    lines[1] = json.dumps(rec)
+    (cand / "candidates.jsonl").write_text("\n".join(lines) + "\n")
+    ann = _write(cand, [_ann("s0", "fill", {"consistency": {"best": 0, "worst": 1}})])
+    with pytest.raises(InputError) as e:
+        P.run(load_recipe("tiny"), ann, tmp_path / "o", test_fraction=0.0)
+    assert e.value.line == 2 and e.value.field == field and str(e.value).startswith(str(cand / "candidates.jsonl"))
+    assert not (tmp_path / "o").exists()

@@ -288,3 +288,25 @@ def test_unreadable_recipe_file(tmp_path):
     with pytest.raises(InputError) as exc:
         load_recipe(str(p))
     assert str(p) in str(exc.value)
+
+
+def _float_keys(d, prefix=""):
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            yield from _float_keys(v, key + ".")
+        elif isinstance(v, float):
+            yield key
+
+
+def test_every_float_key_must_be_finite():
+    """Audit: no recipe number means anything infinite or NaN, whichever key it is."""
+    from onereward_cli.errors import InputError
+
+    keys = list(_float_keys(load_recipe("tiny").to_dict()))
+    assert "rl.lr" in keys and "tasks.fill.probability" in keys and len(keys) > 20
+    for key in keys:
+        for bad in (".inf", "-.inf", ".nan"):
+            with pytest.raises(InputError, match="finite") as e:
+                load_recipe("tiny", [f"{key}={bad}"])
+            assert e.value.field == f"--set {key}", key

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from onereward_cli import rl
+from onereward_cli.errors import InputError, TrainingAborted
 from onereward_cli.recipe import load_recipe
 
 SET = ["rl.resolution=32", "rl.rollout_steps=3", "rl.t1=1", "rl.t2=2", "rl.batch_size=2",
@@ -267,8 +268,54 @@ def test_nonfinite_loss_skips_then_aborts(conditions, zoo, tmp_path, monkeypatch
     rl.run(recipe("rl.steps=2", "rl.save_every=0", "rl.max_nonfinite=5"), conditions, out)
     assert json.loads((out / "run.json").read_text())["counts"]["nonfinite"] == 2
     assert not (out / "log.jsonl").exists()  # skipped steps are not logged as trained
-    with pytest.raises(RuntimeError, match="non-finite"):
+    with pytest.raises(TrainingAborted, match="non-finite") as e:
         rl.run(recipe("rl.steps=4", "rl.save_every=0", "rl.max_nonfinite=2"), conditions, tmp_path / "nan2")
+    assert e.value.field == "rl.max_nonfinite"
+
+
+def test_nonfinite_abort_exits_3_and_keeps_the_last_good_checkpoint(conditions, zoo, tmp_path, monkeypatch, capsys):
+    from onereward_cli import cli
+
+    out = tmp_path / "abort"
+    rl.run(recipe("rl.steps=2", "rl.save_every=1"), conditions, out)  # two good steps, checkpointed
+    ck = out / "checkpoints" / "step-000002"
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    real = rl.refl_loss
+    monkeypatch.setattr(rl, "refl_loss", lambda p_yes, lam: (real(p_yes, lam)[0] * float("nan"), None))
+    capsys.readouterr()
+    argv = ["rl", str(conditions), "--out", str(out), "--resume", *sum((["--set", x] for x in SET), []),
+            "--set", "rl.steps=5", "--set", "rl.max_nonfinite=2"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 3, err
+    assert [x for x in err.splitlines() if "error" in x] == err.splitlines()[-1:]  # one line, no traceback
+    last = err.splitlines()[-1]
+    assert last.startswith(f"error: {out}: rl.max_nonfinite: training aborted") and str(ck) in last
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 2
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+    assert not (out / "checkpoints" / "step-000005").exists()
+
+
+@pytest.mark.parametrize("change,keys", [
+    (["rl.lr=2e-3"], "rl.lr"),
+    (["rl.lambda=0.5", "rl.tau=0.5"], "rl.lambda, rl.tau"),
+])
+def test_resume_refuses_changed_settings(conditions, zoo, tmp_path, change, keys):
+    out = tmp_path / "run"
+    rl.run(recipe("rl.steps=1", "rl.save_every=1"), conditions, out)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(InputError, match=f"cannot resume: {keys} differ") as e:
+        rl.run(recipe("rl.steps=2", *change), conditions, out, resume=True)
+    assert "step-000001" in str(e.value.path)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_resume_without_a_checkpoint_is_an_error(conditions, zoo, tmp_path):
+    out = tmp_path / "absent"
+    with pytest.raises(InputError, match="no checkpoint"):
+        rl.run(recipe("rl.steps=1"), conditions, out, resume=True)
+    assert not out.exists()  # refused before anything was written
 
 
 def test_heldout_oracle_is_logged(conditions, zoo, tmp_path):

@@ -102,6 +102,49 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, zoo):
         train_reward.run(recipe(*common, "reward.max_steps=6", "reward.lr=1e-3"), pairs, resumed, resume=True)
 
 
+def test_resume_of_a_finished_run_does_not_repeat_its_final_evaluation(tmp_path, zoo):
+    pairs = make_pairs(tmp_path / "pairs", n=2)
+    out = tmp_path / "out"
+    r = recipe("reward.max_steps=1")
+    train_reward.run(r, pairs, out)
+    before = (out / "eval_history.jsonl").read_text()
+    assert [json.loads(x).get("final") for x in before.splitlines()] == [True]
+    train_reward.run(r, pairs, out, resume=True)
+    assert (out / "eval_history.jsonl").read_text() == before
+
+
+def test_nonfinite_losses_abort_with_exit_3_and_keep_the_checkpoint(tmp_path, zoo, monkeypatch, capsys):
+    from onereward_cli.cli import main
+
+    pairs = make_pairs(tmp_path / "pairs", n=2, test_same=False)
+    out = tmp_path / "out"
+    real, calls = train_reward.eq3_loss, []
+
+    def nan_after_first(*a):  # step 1 trains (and is checkpointed), then every loss is NaN
+        calls.append(1)
+        loss = real(*a)
+        return loss if len(calls) == 1 else loss * float("nan")
+
+    monkeypatch.setattr(train_reward, "eq3_loss", nan_after_first)
+    args = ["train-reward", str(pairs), "--out", str(out), "--set", "reward.batch_size=2", "--set",
+            "reward.eval_every=0", "--set", "reward.save_every=1", "--set", "reward.max_steps=5", "--set",
+            "reward.max_nonfinite=2"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 3
+    assert err[-1].startswith(f"error: {out}: reward.max_nonfinite: training aborted at step 3: 2 non-finite")
+    assert err[-1].endswith("step-00000002") and not any("Traceback" in x for x in err)
+    # Step 2 was skipped (its checkpoint holds step 1's weights); nothing NaN reached a checkpoint.
+    assert [p.name for p in train_reward.list_checkpoints(out)] == ["step-00000001", "step-00000002"]
+    assert not (out / "final").exists()
+    one, two = (load_file(str(out / "checkpoints" / f"step-0000000{i}" / "trainable.safetensors")) for i in (1, 2))
+    assert all(torch.equal(one[k], two[k]) and torch.isfinite(two[k]).all() for k in one)
+    state = json.loads((out / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert state["step"] == 2 and state["nonfinite"] == 1
+
+
 def _cli_exit_code(args) -> int:
     """Run the CLI in-process (no interpreter start-up) and return its exit code."""
     from onereward_cli.cli import main

@@ -16,11 +16,13 @@ scores (MOS) on the 1-5 scale, as Table 3 reports them. Errors name file:line:fi
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..artifacts import read_utf8
 from ..errors import InputError
 
 BINARY_DIMENSIONS = ("usability", "text rendering", "removal quality")
@@ -77,21 +79,25 @@ def parse_value(dim: str, raw, *, path, line) -> float:
 
 def _rows(path: Path):
     """(line number, dict) for each data row of a CSV or JSONL file."""
+    text = read_utf8(path)  # a bad byte is an error naming its line, not a traceback mid-read
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             header = [h.strip() for h in (reader.fieldnames or [])]
             for col in REQUIRED:
                 if col not in header:
                     raise InputError(f"missing column (have: {', '.join(header) or 'none'})", path=path, line=1,
                                      field=col)
-            for row in reader:
-                if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                    continue
-                yield reader.line_num, {(k or "").strip(): (v.strip() if isinstance(v, str) else v)
-                                        for k, v in row.items()}
+            try:
+                for row in reader:
+                    if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+                        continue
+                    yield reader.line_num, {(k or "").strip(): (v.strip() if isinstance(v, str) else v)
+                                            for k, v in row.items()}
+            except csv.Error as e:
+                raise InputError(f"malformed CSV ({e})", path=path, line=reader.line_num) from None
         return
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(text) as f:
         for i, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue

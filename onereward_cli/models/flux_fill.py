@@ -86,7 +86,7 @@ def read_policy_info(path) -> dict:
     f = Path(path) / POLICY_FILE
     try:
         info = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bytes that are not UTF-8
         raise InputError(f"cannot read policy description ({e.__class__.__name__})", path=f) from None
     if not isinstance(info, dict):
         raise InputError("expected a JSON object", path=f)
@@ -165,8 +165,40 @@ def _fetch_subfolder(repo: str, sub: str, spec: str) -> Path:
 def _is_transformer_folder(d: Path) -> bool:
     try:
         return json.loads((d / "config.json").read_text()).get("_class_name") == "FluxTransformer2DModel"
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or not UTF-8
         return False
+
+
+def _check_weights(d: Path, kind: str, spec: str):
+    """Cheap structure checks (JSON parses, listed components exist, safetensors headers read), so a
+    broken folder fails before `eval`/`generate` write anything, not when its turn to load comes."""
+    from safetensors import safe_open
+
+    def header(f: Path):
+        try:
+            with safe_open(str(f), "pt") as h:
+                h.keys()
+        except Exception as e:  # noqa: BLE001 - any failure means the weights cannot load
+            raise InputError(f"not a readable safetensors file ({e.__class__.__name__})", path=f) from None
+
+    if kind == "pipeline":
+        try:
+            index = json.loads((d / "model_index.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"not valid JSON ({e.__class__.__name__})", path=d / "model_index.json") from None
+        if not isinstance(index, dict):
+            raise InputError("expected a JSON object", path=d / "model_index.json")
+        listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]}
+        missing = sorted(k for k in listed | {"transformer", "vae"} if k not in listed or not (d / k).is_dir())
+        if missing:
+            raise InputError(f"component folder(s) missing: {', '.join(missing)}", path=d / "model_index.json")
+        return
+    if kind == "lora":
+        if (d / LORA_FILE).is_file():
+            header(d / LORA_FILE)
+        return
+    for f in sorted(d.glob("*.safetensors")):
+        header(f)
 
 
 def _relative_spec(spec: str, rel: str) -> str:
@@ -212,10 +244,12 @@ def describe_policy(spec: str) -> PolicyInfo:
             return PolicyInfo(spec, "hub", path)  # a whole pipeline on the hub (or in the HF cache)
     if (local / POLICY_FILE).exists():
         info = read_policy_info(local)
+        _check_weights(local, info["kind"], spec)
         return PolicyInfo(spec, "policy", str(local), base=info["base"], kind=info["kind"],
                           inference=info["inference"], prompts=info["prompts"],
                           settings_from=POLICY_FILE if info["inference"] or info["prompts"] else "")
     if (local / "model_index.json").exists():
+        _check_weights(local, "pipeline", spec)
         return PolicyInfo(spec, "pipeline", str(local))
     if (local / LORA_FILE).exists():
         kind = "lora"
@@ -224,6 +258,7 @@ def describe_policy(spec: str) -> PolicyInfo:
     else:
         raise InputError(f"not a FluxFillPipeline folder (no model_index.json), a FluxTransformer2DModel folder, "
                          f"a LoRA folder ({LORA_FILE}) or an rl output ({POLICY_FILE})", path=local)
+    _check_weights(local, kind, spec)
     release = RELEASE_FOLDERS.get(local.name)
     if release is None or release["kind"] != kind:
         return PolicyInfo(spec, kind, str(local), base="", kind=kind)
