@@ -45,6 +45,7 @@ from .metrics import gsb as G
 from .metrics import human as H
 from .recipe import resolve_device, torch_dtype
 from .report import Figure, Grid, Section, Table, print_tables, pyplot, save_figure, write_report
+from .text_cache import TextCache, cache_root
 
 console = Console(stderr=True)
 TASK_TITLES = H.TASK_TITLES
@@ -328,17 +329,19 @@ def generate_edits(recipe, pol: Policy, samples: list[Sample], out: Path, device
     wants = {s.id: w for s, w in todo}
     cfg = st["true_cfg"] > 1
     try:
+        # Every prompt of this policy's edits into the on-disk cache (policies sharing text encoders
+        # share it), then only each batch's rows on the device.
+        text = TextCache(cache_root(recipe, out), pipe, e.max_sequence_length, recipe.text_cache.batch_size)
+        text.ensure([w["prompt"] for w in wants.values()] + ([st["negative_prompt"]] if cfg else []), device=device)
         for batch in _batches([s for s, _ in todo], e.batch_size, st["resolution"]):
             conds = [s.condition(st["resolution"]) for s in batch]
             prompts = [wants[s.id]["prompt"] for s in batch]
-            texts = prompts + ([st["negative_prompt"]] if cfg else [])
-            table = rollout.encode_unique(pipe, texts, e.max_sequence_length, device=device)
-            neg = table.lookup([st["negative_prompt"]] * len(batch)) if cfg else None
+            neg = text.get([st["negative_prompt"]] * len(batch), device=device) if cfg else None
             gens = [torch.Generator("cpu").manual_seed(e.seed + s.index) for s in batch]
             imgs = rollout.full_rollout(pipe, torch.stack([_to_tensor(src) for src, _ in conds]),
                                         torch.stack([torch.from_numpy(m.astype(np.float32) / 255.0)[None]
                                                      for _, m in conds]),
-                                        table.lookup(prompts), st["steps"], st["guidance"], gens,
+                                        text.get(prompts, device=device), st["steps"], st["guidance"], gens,
                                         true_cfg=st["true_cfg"], neg_embeds=neg)
             for s, x in zip(batch, imgs):
                 save_png(edit_path(out, pol, s), _to_uint8(x))

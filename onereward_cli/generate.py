@@ -34,6 +34,7 @@ from PIL import Image
 from .artifacts import (RunManifest, append_jsonl, open_image, read_jsonl, remove_stale_temps, save_png,
                         validate_record, write_jsonl)
 from .errors import InputError
+from .text_cache import TextCache, cache_root
 from .tasks import (TASK_KEYS, canvas_size, check_mask, extend_canvas, fit_size, load_user_mask, random_fill_mask,
                     removal_mask, resize_mask, sample_task, task_prompt)
 
@@ -395,8 +396,18 @@ def _to_png(x) -> np.ndarray:
     return (x.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
 
 
-def generate_batch(pipe, jobs: list[dict], max_sequence_length: int):
-    """Run one batch of candidates sharing size and step count; per-item seed, mu, guidance, CFG."""
+def sample_texts(samples) -> set[str]:
+    """Every text the samples' candidates are conditioned on: prompts, and negatives under true CFG."""
+    texts = set()
+    for s in samples:
+        texts.add(s.prompt)
+        texts.update(c["params"]["negative_prompt"] for c in s.candidates if float(c["params"]["true_cfg"]) > 1.0)
+    return texts
+
+
+def generate_batch(pipe, jobs: list[dict], text):
+    """Run one batch of candidates sharing size and step count; per-item seed, mu, guidance, CFG.
+    `text` is the run's TextCache: only this batch's embeddings are read onto the device."""
     import torch
 
     from . import rollout
@@ -406,11 +417,9 @@ def generate_batch(pipe, jobs: list[dict], max_sequence_length: int):
     params = [j["cand"]["params"] for j in jobs]
     cfg = [float(p["true_cfg"]) for p in params]
     need_neg = any(c > 1.0 for c in cfg)
-    texts = [j["prompt"] for j in jobs] + ([p["negative_prompt"] for p in params] if need_neg else [])
     device = next(pipe.transformer.parameters()).device
-    table = rollout.encode_unique(pipe, texts, max_sequence_length, device=device)
-    pos = table.lookup([j["prompt"] for j in jobs])
-    neg = table.lookup([p["negative_prompt"] for p in params]) if need_neg else None
+    pos = text.get([j["prompt"] for j in jobs], device=device)
+    neg = text.get([p["negative_prompt"] for p in params], device=device) if need_neg else None
     gens = [torch.Generator("cpu").manual_seed(int(j["cand"]["seed"])) for j in jobs]
     return rollout.full_rollout(pipe, images, masks, pos, int(params[0]["steps"]),
                                 torch.tensor([float(p["guidance"]) for p in params]), gens,
@@ -507,9 +516,15 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     # with their make-up) come from that full ordered share too: a resumed run forms exactly the
     # batches of an uninterrupted one, skipping finished chunks and redoing a partly written one.
     per_chunk = max(1, (4 * g.batch_size) // candidates)  # enough jobs to fill batches of equal steps
-    share = [s for i, s in enumerate(samples) if i % world == rank]
-    chunks = [share[c:c + per_chunk] for c in range(0, len(share), per_chunk)]
-    chunks = [c for c in chunks if any(s.id not in done for s in c)]
+
+    def chunks_of(r):
+        share = samples[r::world]
+        chunks = [share[c:c + per_chunk] for c in range(0, len(share), per_chunk)]
+        return [c for c in chunks if any(s.id not in done for s in c)]
+
+    chunks = chunks_of(rank)
+    # Every text any rank will need (rank 0 encodes them all into the shared cache).
+    run_texts = sample_texts(s for r in range(world) for c in chunks_of(r) for s in c)
     need = [s for c in chunks for s in c if s.needs_object]
     if need and recipe.models.segmenter:  # picks are cached in segments.jsonl: done samples cost nothing
         with man.timed("segment"):
@@ -521,18 +536,29 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
         console.print(f"generate: {len(samples) - len(pending)} of {len(samples)} samples already in "
                       f"{out / CANDIDATES}; resuming", highlight=False)
 
-    if chunks:
+    pipe = text = None
+    if chunks or (is_main and run_texts):  # rank 0 encodes for every rank, even with no work of its own
         device, dtype = _device_dtype(recipe, state)
         with man.timed("load"):
             pipe = load_fill_pipeline(recipe.models.policy, device=device, dtype=dtype,
                                       default_base=recipe.models.fill_pipeline or None)
             pipe.set_progress_bar_config(disable=True)
+    if is_main and run_texts:
+        with man.timed("encode"):  # every text of the run, into the (shared) cache
+            text = TextCache(cache_root(recipe, out), pipe, g.max_sequence_length, recipe.text_cache.batch_size)
+            text.ensure(run_texts)
+    if state is not None:
+        state.wait_for_everyone()  # the other ranks read what rank 0 encoded
+    if chunks:
+        if text is None:
+            text = TextCache(cache_root(recipe, out), pipe, g.max_sequence_length, recipe.text_cache.batch_size)
+            text.ensure(sample_texts(s for c in chunks for s in c))  # normally none left: rank 0 did them
         cols = [TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TextColumn("candidates"),
                 TimeRemainingColumn()]
         with Progress(*cols, console=console, transient=True, disable=not is_main) as prog, man.timed("generate"):
             bar = prog.add_task("generate", total=sum(len(c) for c in chunks) * candidates)
             for chunk in chunks:
-                _run_chunk(pipe, recipe, chunk, out, target, prog, bar, skip=done)
+                _run_chunk(pipe, recipe, chunk, text, out, target, prog, bar, skip=done)
     if state is not None:
         state.wait_for_everyone()
     if is_main:
@@ -565,7 +591,7 @@ def run(recipe, input, out, candidates: int, limit: int = 0):
     return out / CANDIDATES
 
 
-def _run_chunk(pipe, recipe, chunk: list[Sample], out: Path, target: Path, prog, bar, skip=frozenset()):
+def _run_chunk(pipe, recipe, chunk: list[Sample], text, out: Path, target: Path, prog, bar, skip=frozenset()):
     """Generate every candidate of a few samples, batched by (size, steps, CFG on/off); append the
     records of those not in `skip` (finished before a resume: generated again only to batch alike)."""
     import torch
@@ -588,7 +614,7 @@ def _run_chunk(pipe, recipe, chunk: list[Sample], out: Path, target: Path, prog,
         group = groups[key]
         for b0 in range(0, len(group), bs):
             batch = group[b0:b0 + bs]
-            imgs = generate_batch(pipe, batch, recipe.generate.max_sequence_length)
+            imgs = generate_batch(pipe, batch, text)
             for j, im in zip(batch, imgs):
                 results[(j["sample"].id, j["cand"]["index"])] = _to_png(im)
             prog.advance(bar, len(batch))

@@ -214,6 +214,14 @@ class RLConfig:
 
 
 @dataclass(frozen=True)
+class TextCacheConfig:
+    # Prompts are encoded this many at a time (rl, generate, eval); each batch is one cache shard.
+    batch_size: int = 64
+    # Folder of the on-disk prompt-embedding cache, shared by the stages that name it ("" = OUT/text_cache).
+    dir: str = ""
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     # Each metric runs when its checkpoint is set, and is skipped with a note otherwise.
     pickscore: str = ""
@@ -302,6 +310,7 @@ class Recipe:
     reward: RewardConfig = RewardConfig()
     rl: RLConfig = RLConfig()
     eval: EvalConfig = EvalConfig()
+    text_cache: TextCacheConfig = TextCacheConfig()
     replicate: ReplicateConfig = ReplicateConfig()
     # Where the recipe came from (not a user key).
     source: str = field(default="", compare=False)
@@ -582,6 +591,7 @@ def validate(r: Recipe) -> Recipe:
     _check(o.true_cfg is None or o.true_cfg >= 1.0, "eval.override.true_cfg", "must be >= 1, or null")
     _check(o.resolution is None or (o.resolution > 0 and o.resolution % 16 == 0), "eval.override.resolution",
            "must be a positive multiple of 16, or null")
+    _check(r.text_cache.batch_size > 0, "text_cache.batch_size", "must be positive")
     _check(r.replicate.seeds >= 1, "replicate.seeds", "must be >= 1")
     _check(r.replicate.benchmark_per_task >= 1, "replicate.benchmark_per_task", "must be >= 1")
     return r

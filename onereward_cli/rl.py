@@ -20,6 +20,7 @@ import copy
 import json
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from .checkpointing import check_fingerprint, file_sha256, make_scheduler, optim
 from .errors import InputError, TrainingAborted
 from .recipe import resolve_device, torch_dtype
 from .tasks import TASK_KEYS, check_mask, fit_size, task_prompt
+from .text_cache import TextCache, cache_root
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
@@ -435,7 +437,8 @@ def stack_conditions(conds, idx, device, dtype):
 class Trainer:
     """Holds everything one RL run needs; `step()` is Alg. 1 lines 4-14 for one batch."""
 
-    def __init__(self, recipe, conds, reward_spec: str, dynamic: bool, accelerator=None, extra_conds=()):
+    def __init__(self, recipe, conds, reward_spec: str, dynamic: bool, accelerator=None, extra_conds=(),
+                 text_cache_dir=None):
         from . import rollout
         from .models.flux_fill import load_fill_pipeline
         from .reward import RewardScorer, build_query
@@ -457,16 +460,22 @@ class Trainer:
         for i, c in enumerate(conds):
             self.by_task.setdefault(c.task, []).append(i)
         self.pipe = load_fill_pipeline(recipe.models.policy, device=self.device, dtype=self.dtype)
-        # Text embeddings once, then drop the text encoders: they are not needed again.
-        prompts = sorted({c.prompt for c in list(conds) + list(extra_conds)})  # held-out ones too
-        emb = rollout.encode_prompts(self.pipe, prompts, max_sequence_length=self.cfg.max_sequence_length,
-                                     device=self.device)
-        self.prompt_index = {p: i for i, p in enumerate(prompts)}
-        self.embeds = emb
+        # Text embeddings: every distinct prompt (held-out ones too) encoded once into the on-disk cache,
+        # then the text encoders are dropped; steps read only their batch's rows back (`text_embeds`).
+        prompts = sorted({c.prompt for c in list(conds) + list(extra_conds)})
+        if text_cache_dir is None:  # a Trainer outside `rl.run`: text_cache.dir, else a private folder
+            self._tmp = None if recipe.text_cache.dir else tempfile.TemporaryDirectory(prefix="onereward-text-")
+            text_cache_dir = cache_root(recipe, self._tmp.name if self._tmp else None)
+        self.text = TextCache(text_cache_dir, self.pipe, self.cfg.max_sequence_length, recipe.text_cache.batch_size)
+        # Rank 0 encodes, the others then find every prompt in the (shared) cache.
+        with accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext():
+            self.text.refresh()
+            self.text.ensure(prompts, device=self.device)
+            if self.cfg.true_cfg > 1.0:  # its own batch, as before the cache
+                self.text.ensure([self.cfg.negative_prompt], device=self.device)
         self.neg = None
-        if self.cfg.true_cfg > 1.0:
-            self.neg = rollout.encode_prompts(self.pipe, [self.cfg.negative_prompt],
-                                              max_sequence_length=self.cfg.max_sequence_length, device=self.device)
+        if self.cfg.true_cfg > 1.0:  # one row, kept on the device
+            self.neg = self.text.get([self.cfg.negative_prompt], device=self.device)
         self.pipe.text_encoder = self.pipe.text_encoder_2 = None
         self.pipe.vae.requires_grad_(False)
         if self.cfg.gradient_checkpointing:
@@ -492,8 +501,12 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
+    def text_embeds(self, prompts):
+        """The rows of these prompts, read from the cache onto the device (nothing else is kept)."""
+        return self.text.get(prompts, device=self.device)
+
     def _embeds(self, idx):
-        return self.embeds.select([self.prompt_index[self.conds[i].prompt] for i in idx])
+        return self.text_embeds([self.conds[i].prompt for i in idx])
 
     def _neg(self, n):
         return None if self.neg is None else self.neg.select([0] * n)
@@ -657,7 +670,7 @@ def _heldout_oracle(trainer, conds, n: int) -> float:
         cond = trainer.rollout.prepare_condition(trainer.pipe, images, masks,
                                                  generator=torch.Generator().manual_seed(0))
         eps = trainer._noise(len(idx), torch.Generator().manual_seed(12345), hw)
-        emb = trainer.embeds.select([trainer.prompt_index[conds[i].prompt] for i in idx])
+        emb = trainer.text_embeds([conds[i].prompt for i in idx])
         lat = trainer.rollout.denoise(trainer.policy.transformer, eps, cond, emb, sig, 0, len(sig) - 1,
                                       guidance=trainer.cfg.guidance, true_cfg=trainer.cfg.true_cfg,
                                       neg_embeds=trainer._neg(len(idx)))
@@ -690,7 +703,8 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
     if resume:
         check_resume(out, fingerprint)
     heldout_conds = load_conditions(recipe, heldout) if heldout else conds
-    trainer = Trainer(recipe, conds, reward_spec, dynamic, accelerator=acc, extra_conds=heldout_conds)
+    trainer = Trainer(recipe, conds, reward_spec, dynamic, accelerator=acc, extra_conds=heldout_conds,
+                      text_cache_dir=cache_root(recipe, out))
     man = RunManifest("rl-dynamic" if dynamic else "rl", out, recipe,
                       inputs={"data": _resolve_data_file(data), "reward_model": reward_spec})
     out.mkdir(parents=True, exist_ok=True)
