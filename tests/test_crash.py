@@ -1,12 +1,12 @@
 """kill -9: a stage SIGKILLed in the middle of its work, then re-run (or --resume), ends with exactly the
 outputs of an uninterrupted run — line for line, byte for byte, tensor for tensor — and no temp files.
 
-The kill is placed deterministically (no timing): the child process wraps one function so that it
-SIGKILLs itself at the chosen call, then runs the real CLI."""
+The kill is placed deterministically (no timing): a forked child process wraps one function so that
+it SIGKILLs itself at the chosen call, then runs the real CLI."""
 import json
 import os
-import subprocess
-import sys
+import signal
+import traceback
 from pathlib import Path
 
 import pytest
@@ -15,41 +15,69 @@ from safetensors.torch import load_file
 
 from onereward_cli import cli
 from onereward_cli.artifacts import _STALE_TEMP
+from test_rl import SET as RL_SHAPE, conditions  # noqa: F401 (conditions: a fixture)
 
-ROOT = Path(__file__).resolve().parent.parent
+def _arm(how: str, where):
+    """In the child: make the process SIGKILL itself at the chosen point. "replace": on the N-th
+    `os.replace` (the last step of every atomic write: its temp file is written, not renamed). "rename":
+    right after a folder got the final name `where` (`Path.rename`: checkpoints, policy folders).
+    "call" / "after": on the N-th call of `where` = "module:attr:N", before it runs / once it returned."""
+    import importlib
+    import pathlib
 
-# Runs in the child: `os.replace` (the last step of every atomic write) or `Path.rename` (a checkpoint
-# folder made final) kills the process at the chosen call.
-CHILD = r"""
-import os, pathlib, signal, sys
-what, target = sys.argv[1], sys.argv[2]
-calls = [0]
-if what == "replace":  # die on the N-th atomic write, its temp file written but not renamed
-    real = os.replace
-    def replace(src, dst, *a, **k):
-        calls[0] += 1
-        if calls[0] == int(target):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(src, dst, *a, **k)
-    os.replace = replace
-else:  # die right after a checkpoint folder got its final name
-    real = pathlib.Path.rename
-    def rename(self, dst):
-        out = real(self, dst)
-        if pathlib.Path(dst).name == target:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-    pathlib.Path.rename = rename
-from onereward_cli import cli
-cli.main(sys.argv[3:])
-"""
+    calls = [0]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if how == "replace":
+        real = os.replace
+
+        def replace(src, dst, *a, **k):
+            calls[0] += 1
+            if calls[0] == int(where):
+                die()
+            return real(src, dst, *a, **k)
+        os.replace = replace
+    elif how == "rename":
+        real = pathlib.Path.rename
+
+        def rename(self, dst):
+            out = real(self, dst)
+            if pathlib.Path(dst).name == where:
+                die()
+            return out
+        pathlib.Path.rename = rename
+    else:
+        name, attr, n = where.split(":")
+        mod = importlib.import_module(name)
+        real = getattr(mod, attr)
+
+        def hooked(*a, **k):
+            calls[0] += 1
+            if how == "call" and calls[0] == int(n):
+                die()
+            out = real(*a, **k)
+            if how == "after" and calls[0] == int(n):
+                die()
+            return out
+        setattr(mod, attr, hooked)
 
 
-def killed(what: str, target, argv: list[str]):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-c", CHILD, what, str(target), *argv], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == -9, (res.returncode, res.stderr[-2000:])
+def killed(how: str, where, argv: list[str], main=None):
+    """Run the command line (`onereward ...`, or `main(argv)`) in a forked child that SIGKILLs itself at
+    the chosen point; fail unless it died so. Forked, the child starts with this process's imports
+    (a fresh interpreter spends ~20 s importing torch and diffusers here) and a real SIGKILL."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            _arm(how, where)
+            (main or cli.main)(argv)
+        except BaseException:  # noqa: BLE001 - reported through the exit status and stderr
+            traceback.print_exc()
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"not killed: wait status {status}"
 
 
 def in_process(argv):
@@ -105,4 +133,47 @@ def test_train_reward_killed_at_a_checkpoint_resumes_to_identical_weights(tmp_pa
                (part / "eval_history.jsonl").read_text().splitlines()]
     assert history[0] == history[1] and len(history[0]) == 2  # step 2, and the final one at step 4
     assert json.loads((full / "accuracy.json").read_text()) == json.loads((part / "accuracy.json").read_text())
+    assert not temps(part)
+
+
+def weights_equal(a: Path, b: Path) -> bool:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def latest_step(out: Path) -> int:
+    return json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
+
+
+# steps 5, checkpoints at 2 and 4, the final one at 5, then policy/, ema/, reward curves and run.json
+RL_SET = [x for kv in (*RL_SHAPE, "rl.steps=5", "rl.save_every=2", "rl.lr_warmup=3") for x in ("--set", kv)]
+
+
+@pytest.mark.parametrize("mode, kills", [
+    # (how, where, the checkpoint a resume then starts from, a torn leftover to expect)
+    # Alg. 1: killed between checkpoints (step 3 trained, not logged); right after the step-4 folder got its
+    # name, latest.json still naming step 2; with policy/ final and ema/ not yet written.
+    ("static", [("call", "onereward_cli.rl:append_jsonl:3", 2, None), ("rename", "step-000004", 2, None),
+                ("rename", "policy", 5, None)]),
+    # Alg. 2: killed among the step-4 folder's files (the 9th atomic write: 5 files + latest.json for step 2,
+    # then policy, ema, optimizer); right after the final checkpoint; with policy/ and ema/ written but
+    # not the reward curves and run.json.
+    ("dynamic", [("replace", 9, 2, ".step-000004.tmp"), ("after", "onereward_cli.rl:save_checkpoint:2", 5, None),
+                 ("after", "onereward_cli.rl:save_policy_dir:2", 5, None)]),
+])
+def test_rl_killed_anywhere_resumes_to_identical_weights_and_log(conditions, zoo, tmp_path, mode, kills):
+    args = ["rl", str(conditions), *RL_SET, *(["--dynamic"] if mode == "dynamic" else [])]
+    full, part = tmp_path / "full", tmp_path / "part"
+    in_process(args + ["--out", str(full)])
+    for i, (how, where, resumes_at, leftover) in enumerate(kills):
+        killed(how, where, args + ["--out", str(part)] + (["--resume"] if i else []))
+        assert latest_step(part) == resumes_at  # never a torn or unnamed checkpoint
+        assert not (part / "run.json").exists()
+        assert leftover is None or (part / "checkpoints" / leftover).is_dir()
+    in_process(args + ["--out", str(part), "--resume"])
+    for d in ("policy", "ema"):
+        f = Path(d) / "pytorch_lora_weights.safetensors"
+        assert weights_equal(full / f, part / f), d
+    log = [(d / "log.jsonl").read_text().splitlines() for d in (full, part)]
+    assert log[0] == log[1] and len(log[0]) == 5
     assert not temps(part)
