@@ -177,3 +177,43 @@ def test_rl_killed_anywhere_resumes_to_identical_weights_and_log(conditions, zoo
     log = [(d / "log.jsonl").read_text().splitlines() for d in (full, part)]
     assert log[0] == log[1] and len(log[0]) == 5
     assert not temps(part)
+
+
+def _save_rl(out: Path, step: int):
+    from types import SimpleNamespace
+
+    from onereward_cli import checkpointing, rl
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([w])
+    pol = SimpleNamespace(state_tensors=lambda: {"w": w.detach()}, ema={"w": w.detach().clone()},
+                          cfg=SimpleNamespace(lr_warmup=0, lr_schedule="constant", steps=step))
+    rl.save_checkpoint(out, step, pol, opt, checkpointing.make_scheduler(opt, 0), {}, {})
+    return out / "checkpoints"
+
+
+def _save_pretrain(out: Path, step: int):
+    from onereward_cli.pretrain import loop
+
+    w = torch.nn.Parameter(torch.ones(2))
+    loop.save_checkpoint(out, step, {"w": w}, torch.optim.AdamW([w]))
+    return out / "checkpoints"
+
+
+@pytest.mark.parametrize("save", [_save_rl, _save_pretrain])
+def test_saving_the_latest_checkpoint_again_never_unnames_it(save, tmp_path, monkeypatch):
+    """A run resumed at its last step saves that step again (rl, pretraining). A kill between deleting
+    the old folder and renaming the new one into place would leave latest.json naming nothing."""
+    ckd = save(tmp_path, 4)
+    import pathlib
+
+    def killed_before_rename(self, dst):
+        raise KeyboardInterrupt  # the state a SIGKILL here leaves: nothing cleans up after it
+
+    monkeypatch.setattr(pathlib.Path, "rename", killed_before_rename)
+    try:
+        save(tmp_path, 4)
+    except KeyboardInterrupt:
+        pass
+    name = json.loads((ckd / "latest.json").read_text())["path"]
+    assert (ckd / name / "state.json").is_file()

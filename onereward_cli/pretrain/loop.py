@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..artifacts import append_jsonl, load_tensors, read_jsonl, save_tensors, strip_meta, write_json, write_jsonl
-from ..checkpointing import optimizer_from_files, optimizer_to_files
+from ..checkpointing import names_latest, optimizer_from_files, optimizer_to_files
 from ..errors import InputError
 
 
@@ -62,6 +62,8 @@ def _checkpoint_dir(work: Path) -> Path:
 def save_checkpoint(work: Path, step: int, params: dict, opt, extra: dict | None = None, ema: dict | None = None):
     ckd = _checkpoint_dir(work)
     ck = ckd / f"step-{step:07d}"
+    if names_latest(ckd, ck.name):  # resumed at this step: nothing new to save
+        return
     tmp = ckd / f".{ck.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
