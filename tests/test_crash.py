@@ -217,3 +217,36 @@ def test_saving_the_latest_checkpoint_again_never_unnames_it(save, tmp_path, mon
         pass
     name = json.loads((ckd / "latest.json").read_text())["path"]
     assert (ckd / name / "state.json").is_file()
+
+
+def untimed(x):
+    """`x` without its "seconds" fields (how long a metric took differs from run to run)."""
+    if isinstance(x, dict):
+        return {k: untimed(v) for k, v in x.items() if k != "seconds"}
+    return [untimed(v) for v in x] if isinstance(x, list) else x
+
+
+EVAL_SET = ["--set", "eval.steps=2", "--set", "eval.batch_size=2"]
+
+
+def test_eval_killed_mid_generation_and_mid_scoring_resumes_to_identical_results(synth_pool, zoo, tmp_path):
+    from test_evaluate import _write_bench
+
+    bench = _write_bench(synth_pool, tmp_path / "bench")
+    args = ["eval", "--policy", "zoo:flux-fill", "--compare", "zoo:flux-fill", "--benchmark", str(bench), *EVAL_SET]
+    full, part = tmp_path / "full", tmp_path / "part"
+    in_process(args + ["--out", str(full)])
+    # 4 samples: 8 input PNGs, then the edits: die writing the 2nd edit's PNG
+    killed("replace", 10, args + ["--out", str(part)])
+    assert temps(part) and len((part / "edits.jsonl").read_text().splitlines()) == 1
+    # re-run: 7 edits to make, then the scores (metrics, then reward-model judgements): die before the 3rd score
+    killed("call", "onereward_cli.evaluate:append_jsonl:10", args + ["--out", str(part)])
+    assert len((part / "scores.jsonl").read_text().splitlines()) == 2 and not (part / "metrics.json").exists()
+    in_process(args + ["--out", str(part)])
+    assert not temps(part)
+    for f in ("edits.jsonl", "scores.jsonl"):
+        assert (part / f).read_text().splitlines() == (full / f).read_text().splitlines(), f
+    assert untimed(json.loads((part / "metrics.json").read_text())) == \
+        untimed(json.loads((full / "metrics.json").read_text()))
+    a, b = tree(full / "images"), tree(part / "images")
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
