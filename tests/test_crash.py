@@ -90,6 +90,24 @@ def tree(d: Path) -> dict:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+def differing(a: Path, b: Path, skip=("run.json",)) -> list[str]:
+    """Files of folder `a` that `b` lacks, has extra or holds differently: safetensors compared tensor
+    for tensor and by metadata (the safetensors writer orders a multi-key metadata header differently
+    in each process), everything else byte for byte."""
+    from safetensors import safe_open
+
+    ta, tb = ({k: v for k, v in tree(d).items() if k not in skip} for d in (a, b))
+    out = sorted(set(ta) ^ set(tb))
+    for k in sorted(set(ta) & set(tb)):
+        if k.endswith(".safetensors"):
+            fa, fb = (safe_open(str(d / k), "pt") for d in (a, b))
+            if fa.metadata() != fb.metadata() or not weights_equal(a / k, b / k):
+                out.append(k)
+        elif ta[k] != tb[k]:
+            out.append(k)
+    return out
+
+
 def temps(d: Path) -> list[str]:
     return [str(p) for p in d.rglob("*") if _STALE_TEMP.match(p.name)]
 
@@ -250,3 +268,25 @@ def test_eval_killed_mid_generation_and_mid_scoring_resumes_to_identical_results
         untimed(json.loads((full / "metrics.json").read_text()))
     a, b = tree(full / "images"), tree(part / "images")
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+
+
+CURATE_SET = ["--select", "7", "--set", "curate.shard_size=4", "--set", "curate.mode=hierarchical",
+              "--set", "curate.num_workers=0"]
+
+
+def test_curate_killed_among_the_embedding_shards_resumes_to_identical_outputs(synth_pool, zoo, tmp_path):
+    args = ["curate", str(synth_pool / "manifest.jsonl"), *CURATE_SET]
+    full, part = tmp_path / "full", tmp_path / "part"
+    in_process(args + ["--out", str(full)])
+    shards = lambda: sorted(p.name for p in (part / "embeddings").glob("shard-*"))  # noqa: E731
+    # 16 images in 4 shards: die before the 3rd shard is written, then while writing it (its temp file
+    # written, not renamed), then before curated.jsonl (rejected.jsonl written, then curated.jsonl)
+    killed("call", "onereward_cli.curate:_write_shard:3", args + ["--out", str(part)])
+    assert shards() == ["shard-000000.safetensors", "shard-000001.safetensors"]
+    killed("replace", 1, args + ["--out", str(part)])
+    assert shards() == ["shard-000000.safetensors", "shard-000001.safetensors"] and temps(part)
+    killed("call", "onereward_cli.curate:write_jsonl:2", args + ["--out", str(part)])
+    assert len(shards()) == 4 and not (part / "curated.jsonl").exists()
+    in_process(args + ["--out", str(part)])
+    assert not temps(part)
+    assert differing(full, part) == []  # run.json aside: timings and reuse counts differ
