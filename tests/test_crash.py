@@ -290,3 +290,58 @@ def test_curate_killed_among_the_embedding_shards_resumes_to_identical_outputs(s
     in_process(args + ["--out", str(part)])
     assert not temps(part)
     assert differing(full, part) == []  # run.json aside: timings and reuse counts differ
+
+
+def test_pretraining_killed_anywhere_resumes_to_the_same_zoo(zoo_random, tmp_path):
+    from onereward_cli.pretrain import main
+
+    def untimed_log(d: Path) -> list[dict]:
+        return [untimed(json.loads(x)) for x in (d / "log.jsonl").read_text().splitlines()]
+
+    part, work = tmp_path / "zoo", tmp_path / "zoo.work"
+    full, full_work = tmp_path / "full", tmp_path / "full.work"
+    args = ["--scale", "0.004"]  # steps: vae 10 (checkpoints at 5, 10), flux 5 (2, 4, 5), vlm 6, clip 2
+    assert main([str(part), *args]) == 0
+    part.rename(full), work.rename(full_work)  # the model configs name the folder they came from
+    # vae between its checkpoints (before step 8); flux right after its first checkpoint folder got its
+    # name, before latest.json names it; vlm trained and saved, before its result.json; OUT assembled
+    # but not yet renamed into place (its manifest is written inside the temporary folder).
+    killed("call", "onereward_cli.pretrain.loop:lr_factor:8", [str(part), *args], main)
+    assert latest_step(work / "vae") == 5
+    killed("rename", "step-0000002", [str(part), *args], main)
+    assert (work / "flux" / "checkpoints" / "step-0000002").is_dir()
+    assert not (work / "flux" / "checkpoints" / "latest.json").exists()
+    killed("call", "onereward_cli.pretrain:_finish:2", [str(part), *args], main)
+    assert (work / "vlm" / "model").is_dir() and not (work / "vlm" / "result.json").exists()
+    killed("call", "onereward_cli.models.tiny:write_trained_manifest:1", [str(part), *args], main)
+    assert not part.exists()  # never a zoo folder without its manifest
+    assert main([str(part), *args]) == 0
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (full, part))
+    assert a["files"] == b["files"]  # the sha256 of every file of the zoo
+    assert untimed(a["training"]) == untimed(b["training"])
+    for stage in ("vae", "flux", "vlm", "clip"):
+        assert untimed_log(work / stage) == untimed_log(full_work / stage), stage
+    assert not temps(work)
+
+
+def test_pretraining_checkpoint_between_log_lines_keeps_the_losses_since_the_last_one(tmp_path):
+    """A checkpoint at step 3 with a log line every 2 steps: the step-4 line of a resumed run averages
+    the losses of steps 3 and 4, as the uninterrupted run's does."""
+    from onereward_cli.pretrain import loop
+
+    def train(work: Path, stop_at=None):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(2, 1)
+
+        def loss_fn(step):
+            if step == stop_at:
+                raise KeyboardInterrupt  # killed: checkpoint 3 is the latest
+            _, g = loop.step_rng(0, "toy", step)
+            x = torch.randn(4, 2, generator=g)
+            return (lin(x) - x.sum(1, keepdim=True)).pow(2).mean(), {}
+        cfg = loop.LoopConfig(steps=6, lr=0.1, warmup=1, save_every=3, log_every=2)
+        return [untimed(r) for r in loop.train("toy", work, {"lin": lin}, cfg, loss_fn, seed=0)]
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "part", stop_at=4)
+    assert train(tmp_path / "part") == train(tmp_path / "full")

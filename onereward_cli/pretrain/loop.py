@@ -116,7 +116,7 @@ def train(name: str, work: Path, modules: dict[str, torch.nn.Module], cfg: LoopC
     params = _named_trainable(modules)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = {k: p.detach().clone() for k, p in params.items()} if cfg.ema > 0 else None
-    start, _ = load_checkpoint(work, params, opt, ema) if resume else (0, {})
+    start, state = load_checkpoint(work, params, opt, ema) if resume else (0, {})
     log = work / "log.jsonl"
     if start and log.exists():  # drop lines past the checkpoint: a resumed log has no duplicates
         write_jsonl(log, [strip_meta(r) for r in read_jsonl(log, tolerate_torn_tail=True) if r["step"] <= start])
@@ -125,7 +125,8 @@ def train(name: str, work: Path, modules: dict[str, torch.nn.Module], cfg: LoopC
     for m in modules.values():
         m.train()
     t0 = time.perf_counter()
-    window: list[float] = []
+    # the losses since the last log line: a checkpoint between two log lines carries them
+    window: list[float] = list(state.get("window", []))
     cols = [TextColumn(f"[bold]pretrain {name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*cols, console=console, transient=True) as prog:
@@ -162,7 +163,7 @@ def train(name: str, work: Path, modules: dict[str, torch.nn.Module], cfg: LoopC
                 prog.update(bar, info=f"loss {rec['loss']:.4f}")
             prog.advance(bar)
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                save_checkpoint(work, done, params, opt, ema=ema)
+                save_checkpoint(work, done, params, opt, {"window": window}, ema=ema)
     for m in modules.values():
         m.eval()
     save_checkpoint(work, cfg.steps, params, opt, {"finished": True}, ema=ema)
