@@ -1,6 +1,8 @@
 """kill -9: a stage SIGKILLed in the middle of its work, then re-run (or --resume), ends with exactly the
 outputs of an uninterrupted run — line for line, byte for byte, tensor for tensor — and no temp files.
 
+Stages: generate, train-reward, rl (static and dynamic), eval, curate, and the tiny-world pretraining;
+each killed at several points (between checkpoints, in a checkpoint write, in the final save) in turn.
 The kill is placed deterministically (no timing): a forked child process wraps one function so that
 it SIGKILLs itself at the chosen call, then runs the real CLI."""
 import json
@@ -16,6 +18,7 @@ from safetensors.torch import load_file
 from onereward_cli import cli
 from onereward_cli.artifacts import _STALE_TEMP
 from test_rl import SET as RL_SHAPE, conditions  # noqa: F401 (conditions: a fixture)
+
 
 def _arm(how: str, where):
     """In the child: make the process SIGKILL itself at the chosen point. "replace": on the N-th
