@@ -15,6 +15,21 @@ def file_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def names_latest(ckpt_dir, name: str) -> bool:
+    """Whether ckpt_dir/latest.json names the checkpoint folder `name` (and it holds its state.json).
+    A run resumed at its last step saves that step again; it must keep the folder (it holds exactly
+    that state): replacing it would leave latest.json naming nothing between the delete and the rename,
+    and a kill there would leave a run that cannot resume."""
+    import json
+
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        return json.loads((ckpt_dir / "latest.json").read_text())["path"] == name and \
+            (ckpt_dir / name / "state.json").is_file()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def check_fingerprint(saved: dict, now: dict, ckpt, may_change) -> None:
     """Refuse a --resume whose settings differ from those the checkpoint was trained with, naming every
     differing key (a section's keys one by one). `may_change`: the keys a resume may change."""

@@ -38,7 +38,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .artifacts import RunManifest, append_jsonl, open_image, read_jsonl, save_png, write_json
+from .artifacts import RunManifest, append_jsonl, open_image, read_jsonl, remove_stale_temps, save_png, write_json
 from .errors import InputError
 from .metrics import MetricRun, _free_memory, mean_std, run_metrics
 from .metrics import gsb as G
@@ -653,6 +653,7 @@ def run(r, *, policy: str | None = None, benchmark, out, compare=None, reward_mo
     man.set(policies=[_policy_json(p) for p in policies], device=device,
             reward_model=reward_spec if len(policies) > 1 else None)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # what a killed run's half-done writes left (eval is one process)
     resolutions = sorted({p.settings["resolution"] for p in policies})
     _save_inputs(out, samples, resolutions)
     print_tables([policies_table(policies)], console)

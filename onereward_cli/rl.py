@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from .artifacts import (RunManifest, append_jsonl, load_tensors, open_image, read_jsonl, remove_stale_temps,
                         save_tensors, write_json)
-from .checkpointing import check_fingerprint, file_sha256, make_scheduler, optimizer_from_files, optimizer_to_files
+from .checkpointing import (check_fingerprint, file_sha256, make_scheduler, names_latest, optimizer_from_files,
+                            optimizer_to_files)
 from .errors import InputError, TrainingAborted
 from .recipe import resolve_device, torch_dtype
 from .tasks import TASK_KEYS, check_mask, fit_size, task_prompt
@@ -319,6 +320,8 @@ def check_resume(out: Path, fingerprint: dict):
 
 def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: dict, fingerprint=None):
     ck = out / "checkpoints" / f"step-{step:06d}"
+    if names_latest(ck.parent, ck.name):  # resumed at this step: nothing new to save
+        return ck
     tmp = ck.with_name(f".{ck.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -1,12 +1,14 @@
 """kill -9: a stage SIGKILLed in the middle of its work, then re-run (or --resume), ends with exactly the
 outputs of an uninterrupted run — line for line, byte for byte, tensor for tensor — and no temp files.
 
-The kill is placed deterministically (no timing): the child process wraps one function so that it
-SIGKILLs itself at the chosen call, then runs the real CLI."""
+Stages: generate, train-reward, rl (static and dynamic), eval, curate, and the tiny-world pretraining;
+each killed at several points (between checkpoints, in a checkpoint write, in the final save) in turn.
+The kill is placed deterministically (no timing): a forked child process wraps one function so that
+it SIGKILLs itself at the chosen call, then runs the real CLI."""
 import json
 import os
-import subprocess
-import sys
+import signal
+import traceback
 from pathlib import Path
 
 import pytest
@@ -15,41 +17,70 @@ from safetensors.torch import load_file
 
 from onereward_cli import cli
 from onereward_cli.artifacts import _STALE_TEMP
-
-ROOT = Path(__file__).resolve().parent.parent
-
-# Runs in the child: `os.replace` (the last step of every atomic write) or `Path.rename` (a checkpoint
-# folder made final) kills the process at the chosen call.
-CHILD = r"""
-import os, pathlib, signal, sys
-what, target = sys.argv[1], sys.argv[2]
-calls = [0]
-if what == "replace":  # die on the N-th atomic write, its temp file written but not renamed
-    real = os.replace
-    def replace(src, dst, *a, **k):
-        calls[0] += 1
-        if calls[0] == int(target):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(src, dst, *a, **k)
-    os.replace = replace
-else:  # die right after a checkpoint folder got its final name
-    real = pathlib.Path.rename
-    def rename(self, dst):
-        out = real(self, dst)
-        if pathlib.Path(dst).name == target:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-    pathlib.Path.rename = rename
-from onereward_cli import cli
-cli.main(sys.argv[3:])
-"""
+from test_rl import SET as RL_SHAPE, conditions  # noqa: F401 (conditions: a fixture)
 
 
-def killed(what: str, target, argv: list[str]):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-c", CHILD, what, str(target), *argv], env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == -9, (res.returncode, res.stderr[-2000:])
+def _arm(how: str, where):
+    """In the child: make the process SIGKILL itself at the chosen point. "replace": on the N-th
+    `os.replace` (the last step of every atomic write: its temp file is written, not renamed). "rename":
+    right after a folder got the final name `where` (`Path.rename`: checkpoints, policy folders).
+    "call" / "after": on the N-th call of `where` = "module:attr:N", before it runs / once it returned."""
+    import importlib
+    import pathlib
+
+    calls = [0]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if how == "replace":
+        real = os.replace
+
+        def replace(src, dst, *a, **k):
+            calls[0] += 1
+            if calls[0] == int(where):
+                die()
+            return real(src, dst, *a, **k)
+        os.replace = replace
+    elif how == "rename":
+        real = pathlib.Path.rename
+
+        def rename(self, dst):
+            out = real(self, dst)
+            if pathlib.Path(dst).name == where:
+                die()
+            return out
+        pathlib.Path.rename = rename
+    else:
+        name, attr, n = where.split(":")
+        mod = importlib.import_module(name)
+        real = getattr(mod, attr)
+
+        def hooked(*a, **k):
+            calls[0] += 1
+            if how == "call" and calls[0] == int(n):
+                die()
+            out = real(*a, **k)
+            if how == "after" and calls[0] == int(n):
+                die()
+            return out
+        setattr(mod, attr, hooked)
+
+
+def killed(how: str, where, argv: list[str], main=None):
+    """Run the command line (`onereward ...`, or `main(argv)`) in a forked child that SIGKILLs itself at
+    the chosen point; fail unless it died so. Forked, the child starts with this process's imports
+    (a fresh interpreter spends ~20 s importing torch and diffusers here) and a real SIGKILL."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            _arm(how, where)
+            (main or cli.main)(argv)
+        except BaseException:  # noqa: BLE001 - reported through the exit status and stderr
+            traceback.print_exc()
+        os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, f"not killed: wait status {status}"
 
 
 def in_process(argv):
@@ -60,6 +91,24 @@ def in_process(argv):
 
 def tree(d: Path) -> dict:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def differing(a: Path, b: Path, skip=("run.json",)) -> list[str]:
+    """Files of folder `a` that `b` lacks, has extra or holds differently: safetensors compared tensor
+    for tensor and by metadata (the safetensors writer orders a multi-key metadata header differently
+    in each process), everything else byte for byte."""
+    from safetensors import safe_open
+
+    ta, tb = ({k: v for k, v in tree(d).items() if k not in skip} for d in (a, b))
+    out = sorted(set(ta) ^ set(tb))
+    for k in sorted(set(ta) & set(tb)):
+        if k.endswith(".safetensors"):
+            fa, fb = (safe_open(str(d / k), "pt") for d in (a, b))
+            if fa.metadata() != fb.metadata() or not weights_equal(a / k, b / k):
+                out.append(k)
+        elif ta[k] != tb[k]:
+            out.append(k)
+    return out
 
 
 def temps(d: Path) -> list[str]:
@@ -106,3 +155,196 @@ def test_train_reward_killed_at_a_checkpoint_resumes_to_identical_weights(tmp_pa
     assert history[0] == history[1] and len(history[0]) == 2  # step 2, and the final one at step 4
     assert json.loads((full / "accuracy.json").read_text()) == json.loads((part / "accuracy.json").read_text())
     assert not temps(part)
+
+
+def weights_equal(a: Path, b: Path) -> bool:
+    ta, tb = load_file(str(a)), load_file(str(b))
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def latest_step(out: Path) -> int:
+    return json.loads((out / "checkpoints" / "latest.json").read_text())["step"]
+
+
+# steps 5, checkpoints at 2 and 4, the final one at 5, then policy/, ema/, reward curves and run.json
+RL_SET = [x for kv in (*RL_SHAPE, "rl.steps=5", "rl.save_every=2", "rl.lr_warmup=3") for x in ("--set", kv)]
+
+
+@pytest.mark.parametrize("mode, kills", [
+    # (how, where, the checkpoint a resume then starts from, a torn leftover to expect)
+    # Alg. 1: killed between checkpoints (step 3 trained, not logged); right after the step-4 folder got its
+    # name, latest.json still naming step 2; with policy/ final and ema/ not yet written.
+    ("static", [("call", "onereward_cli.rl:append_jsonl:3", 2, None), ("rename", "step-000004", 2, None),
+                ("rename", "policy", 5, None)]),
+    # Alg. 2: killed among the step-4 folder's files (the 9th atomic write: 5 files + latest.json for step 2,
+    # then policy, ema, optimizer); right after the final checkpoint; with policy/ and ema/ written but
+    # not the reward curves and run.json.
+    ("dynamic", [("replace", 9, 2, ".step-000004.tmp"), ("after", "onereward_cli.rl:save_checkpoint:2", 5, None),
+                 ("after", "onereward_cli.rl:save_policy_dir:2", 5, None)]),
+])
+def test_rl_killed_anywhere_resumes_to_identical_weights_and_log(conditions, zoo, tmp_path, mode, kills):
+    args = ["rl", str(conditions), *RL_SET, *(["--dynamic"] if mode == "dynamic" else [])]
+    full, part = tmp_path / "full", tmp_path / "part"
+    in_process(args + ["--out", str(full)])
+    for i, (how, where, resumes_at, leftover) in enumerate(kills):
+        killed(how, where, args + ["--out", str(part)] + (["--resume"] if i else []))
+        assert latest_step(part) == resumes_at  # never a torn or unnamed checkpoint
+        assert not (part / "run.json").exists()
+        assert leftover is None or (part / "checkpoints" / leftover).is_dir()
+    in_process(args + ["--out", str(part), "--resume"])
+    for d in ("policy", "ema"):
+        f = Path(d) / "pytorch_lora_weights.safetensors"
+        assert weights_equal(full / f, part / f), d
+    log = [(d / "log.jsonl").read_text().splitlines() for d in (full, part)]
+    assert log[0] == log[1] and len(log[0]) == 5
+    assert not temps(part)
+
+
+def _save_rl(out: Path, step: int):
+    from types import SimpleNamespace
+
+    from onereward_cli import checkpointing, rl
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([w])
+    pol = SimpleNamespace(state_tensors=lambda: {"w": w.detach()}, ema={"w": w.detach().clone()},
+                          cfg=SimpleNamespace(lr_warmup=0, lr_schedule="constant", steps=step))
+    rl.save_checkpoint(out, step, pol, opt, checkpointing.make_scheduler(opt, 0), {}, {})
+    return out / "checkpoints"
+
+
+def _save_pretrain(out: Path, step: int):
+    from onereward_cli.pretrain import loop
+
+    w = torch.nn.Parameter(torch.ones(2))
+    loop.save_checkpoint(out, step, {"w": w}, torch.optim.AdamW([w]))
+    return out / "checkpoints"
+
+
+@pytest.mark.parametrize("save", [_save_rl, _save_pretrain])
+def test_saving_the_latest_checkpoint_again_never_unnames_it(save, tmp_path, monkeypatch):
+    """A run resumed at its last step saves that step again (rl, pretraining). A kill between deleting
+    the old folder and renaming the new one into place would leave latest.json naming nothing."""
+    ckd = save(tmp_path, 4)
+    import pathlib
+
+    def killed_before_rename(self, dst):
+        raise KeyboardInterrupt  # the state a SIGKILL here leaves: nothing cleans up after it
+
+    monkeypatch.setattr(pathlib.Path, "rename", killed_before_rename)
+    try:
+        save(tmp_path, 4)
+    except KeyboardInterrupt:
+        pass
+    name = json.loads((ckd / "latest.json").read_text())["path"]
+    assert (ckd / name / "state.json").is_file()
+
+
+def untimed(x):
+    """`x` without its "seconds" fields (how long a metric took differs from run to run)."""
+    if isinstance(x, dict):
+        return {k: untimed(v) for k, v in x.items() if k != "seconds"}
+    return [untimed(v) for v in x] if isinstance(x, list) else x
+
+
+EVAL_SET = ["--set", "eval.steps=2", "--set", "eval.batch_size=2"]
+
+
+def test_eval_killed_mid_generation_and_mid_scoring_resumes_to_identical_results(synth_pool, zoo, tmp_path):
+    from test_evaluate import _write_bench
+
+    bench = _write_bench(synth_pool, tmp_path / "bench")
+    args = ["eval", "--policy", "zoo:flux-fill", "--compare", "zoo:flux-fill", "--benchmark", str(bench), *EVAL_SET]
+    full, part = tmp_path / "full", tmp_path / "part"
+    in_process(args + ["--out", str(full)])
+    # 4 samples: 8 input PNGs, then the edits: die writing the 2nd edit's PNG
+    killed("replace", 10, args + ["--out", str(part)])
+    assert temps(part) and len((part / "edits.jsonl").read_text().splitlines()) == 1
+    # re-run: 7 edits to make, then the scores (metrics, then reward-model judgements): die before the 3rd score
+    killed("call", "onereward_cli.evaluate:append_jsonl:10", args + ["--out", str(part)])
+    assert len((part / "scores.jsonl").read_text().splitlines()) == 2 and not (part / "metrics.json").exists()
+    in_process(args + ["--out", str(part)])
+    assert not temps(part)
+    for f in ("edits.jsonl", "scores.jsonl"):
+        assert (part / f).read_text().splitlines() == (full / f).read_text().splitlines(), f
+    assert untimed(json.loads((part / "metrics.json").read_text())) == \
+        untimed(json.loads((full / "metrics.json").read_text()))
+    a, b = tree(full / "images"), tree(part / "images")
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+
+
+CURATE_SET = ["--select", "7", "--set", "curate.shard_size=4", "--set", "curate.mode=hierarchical",
+              "--set", "curate.num_workers=0"]
+
+
+def test_curate_killed_among_the_embedding_shards_resumes_to_identical_outputs(synth_pool, zoo, tmp_path):
+    args = ["curate", str(synth_pool / "manifest.jsonl"), *CURATE_SET]
+    full, part = tmp_path / "full", tmp_path / "part"
+    in_process(args + ["--out", str(full)])
+    shards = lambda: sorted(p.name for p in (part / "embeddings").glob("shard-*"))  # noqa: E731
+    # 16 images in 4 shards: die before the 3rd shard is written, then while writing it (its temp file
+    # written, not renamed), then before curated.jsonl (rejected.jsonl written, then curated.jsonl)
+    killed("call", "onereward_cli.curate:_write_shard:3", args + ["--out", str(part)])
+    assert shards() == ["shard-000000.safetensors", "shard-000001.safetensors"]
+    killed("replace", 1, args + ["--out", str(part)])
+    assert shards() == ["shard-000000.safetensors", "shard-000001.safetensors"] and temps(part)
+    killed("call", "onereward_cli.curate:write_jsonl:2", args + ["--out", str(part)])
+    assert len(shards()) == 4 and not (part / "curated.jsonl").exists()
+    in_process(args + ["--out", str(part)])
+    assert not temps(part)
+    assert differing(full, part) == []  # run.json aside: timings and reuse counts differ
+
+
+def test_pretraining_killed_anywhere_resumes_to_the_same_zoo(zoo_random, tmp_path):
+    from onereward_cli.pretrain import main
+
+    def untimed_log(d: Path) -> list[dict]:
+        return [untimed(json.loads(x)) for x in (d / "log.jsonl").read_text().splitlines()]
+
+    part, work = tmp_path / "zoo", tmp_path / "zoo.work"
+    full, full_work = tmp_path / "full", tmp_path / "full.work"
+    args = ["--scale", "0.004"]  # steps: vae 10 (checkpoints at 5, 10), flux 5 (2, 4, 5), vlm 6, clip 2
+    assert main([str(part), *args]) == 0
+    part.rename(full), work.rename(full_work)  # the model configs name the folder they came from
+    # vae between its checkpoints (before step 8); flux right after its first checkpoint folder got its
+    # name, before latest.json names it; vlm trained and saved, before its result.json; OUT assembled
+    # but not yet renamed into place (its manifest is written inside the temporary folder).
+    killed("call", "onereward_cli.pretrain.loop:lr_factor:8", [str(part), *args], main)
+    assert latest_step(work / "vae") == 5
+    killed("rename", "step-0000002", [str(part), *args], main)
+    assert (work / "flux" / "checkpoints" / "step-0000002").is_dir()
+    assert not (work / "flux" / "checkpoints" / "latest.json").exists()
+    killed("call", "onereward_cli.pretrain:_finish:2", [str(part), *args], main)
+    assert (work / "vlm" / "model").is_dir() and not (work / "vlm" / "result.json").exists()
+    killed("call", "onereward_cli.models.tiny:write_trained_manifest:1", [str(part), *args], main)
+    assert not part.exists()  # never a zoo folder without its manifest
+    assert main([str(part), *args]) == 0
+    a, b = (json.loads((d / "manifest.json").read_text()) for d in (full, part))
+    assert a["files"] == b["files"]  # the sha256 of every file of the zoo
+    assert untimed(a["training"]) == untimed(b["training"])
+    for stage in ("vae", "flux", "vlm", "clip"):
+        assert untimed_log(work / stage) == untimed_log(full_work / stage), stage
+    assert not temps(work)
+
+
+def test_pretraining_checkpoint_between_log_lines_keeps_the_losses_since_the_last_one(tmp_path):
+    """A checkpoint at step 3 with a log line every 2 steps: the step-4 line of a resumed run averages
+    the losses of steps 3 and 4, as the uninterrupted run's does."""
+    from onereward_cli.pretrain import loop
+
+    def train(work: Path, stop_at=None):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(2, 1)
+
+        def loss_fn(step):
+            if step == stop_at:
+                raise KeyboardInterrupt  # killed: checkpoint 3 is the latest
+            _, g = loop.step_rng(0, "toy", step)
+            x = torch.randn(4, 2, generator=g)
+            return (lin(x) - x.sum(1, keepdim=True)).pow(2).mean(), {}
+        cfg = loop.LoopConfig(steps=6, lr=0.1, warmup=1, save_every=3, log_every=2)
+        return [untimed(r) for r in loop.train("toy", work, {"lin": lin}, cfg, loss_fn, seed=0)]
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "part", stop_at=4)
+    assert train(tmp_path / "part") == train(tmp_path / "full")

@@ -89,7 +89,7 @@ def run(out, work=None, *, seed: int = 0, scale: float = 1.0, only=STAGES, conso
 
     from ..errors import InputError
     from ..models import clip as clip_loader
-    from ..models.tiny import ZOO_VERSION, build_zoo, write_trained_manifest
+    from ..models.tiny import build_zoo
     from . import clip as clip_stage
     from . import flux as flux_stage
     from . import vae as vae_stage
@@ -105,7 +105,6 @@ def run(out, work=None, *, seed: int = 0, scale: float = 1.0, only=STAGES, conso
     cfg = WorldConfig()
     torch.manual_seed(seed)
     base = build_zoo(work / "base", seed=seed)
-    t0 = time.perf_counter()
     results: dict = {}
 
     def stage(name, fn):
@@ -165,16 +164,17 @@ def run(out, work=None, *, seed: int = 0, scale: float = 1.0, only=STAGES, conso
             stage(name, fns[name])
     if set(only) != set(STAGES):
         return work
-    _assemble(base, work, out, seed=seed, results=results, budget=budget, zoo_version=ZOO_VERSION,
-              total_s=time.perf_counter() - t0)
-    write_trained_manifest(out, {"seed": seed, "training": results, "budget": budget.__dict__,
-                                 "total_seconds": round(sum(r.get("seconds", 0) for r in results.values()), 1)})
+    _assemble(base, work, out, {"seed": seed, "training": results, "budget": budget.__dict__,
+                                "total_seconds": round(sum(r.get("seconds", 0) for r in results.values()), 1)})
     console.print(f"pretrain: trained zoo -> {out}")
     return out
 
 
-def _assemble(base: Path, work: Path, out: Path, **_):
-    """OUT = the random build's folders (configs, tokenizers, processors) with the trained weights."""
+def _assemble(base: Path, work: Path, out: Path, info: dict):
+    """OUT = the random build's folders (configs, tokenizers, processors) with the trained weights, and
+    manifest.json. All of it is assembled under a temporary name, so an OUT that exists is complete."""
+    from ..models.tiny import write_trained_manifest
+
     tmp = out.with_name(f".{out.name}.assembling")
     shutil.rmtree(tmp, ignore_errors=True)
     for name in ("flux-fill", "qwen2.5-vl", "open-clip"):
@@ -189,6 +189,7 @@ def _assemble(base: Path, work: Path, out: Path, **_):
         shutil.copy2(f, tmp / "qwen2.5-vl" / f.name)
     shutil.copy2(work / "clip" / "model" / "open_clip_model.safetensors",
                  tmp / "open-clip" / "open_clip_model.safetensors")
+    write_trained_manifest(tmp, info)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from ..artifacts import append_jsonl, load_tensors, read_jsonl, save_tensors, strip_meta, write_json, write_jsonl
-from ..checkpointing import optimizer_from_files, optimizer_to_files
+from ..checkpointing import names_latest, optimizer_from_files, optimizer_to_files
 from ..errors import InputError
 
 
@@ -62,6 +62,8 @@ def _checkpoint_dir(work: Path) -> Path:
 def save_checkpoint(work: Path, step: int, params: dict, opt, extra: dict | None = None, ema: dict | None = None):
     ckd = _checkpoint_dir(work)
     ck = ckd / f"step-{step:07d}"
+    if names_latest(ckd, ck.name):  # resumed at this step: nothing new to save
+        return
     tmp = ckd / f".{ck.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -114,7 +116,7 @@ def train(name: str, work: Path, modules: dict[str, torch.nn.Module], cfg: LoopC
     params = _named_trainable(modules)
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = {k: p.detach().clone() for k, p in params.items()} if cfg.ema > 0 else None
-    start, _ = load_checkpoint(work, params, opt, ema) if resume else (0, {})
+    start, state = load_checkpoint(work, params, opt, ema) if resume else (0, {})
     log = work / "log.jsonl"
     if start and log.exists():  # drop lines past the checkpoint: a resumed log has no duplicates
         write_jsonl(log, [strip_meta(r) for r in read_jsonl(log, tolerate_torn_tail=True) if r["step"] <= start])
@@ -123,7 +125,8 @@ def train(name: str, work: Path, modules: dict[str, torch.nn.Module], cfg: LoopC
     for m in modules.values():
         m.train()
     t0 = time.perf_counter()
-    window: list[float] = []
+    # the losses since the last log line: a checkpoint between two log lines carries them
+    window: list[float] = list(state.get("window", []))
     cols = [TextColumn(f"[bold]pretrain {name}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*cols, console=console, transient=True) as prog:
@@ -160,7 +163,7 @@ def train(name: str, work: Path, modules: dict[str, torch.nn.Module], cfg: LoopC
                 prog.update(bar, info=f"loss {rec['loss']:.4f}")
             prog.advance(bar)
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                save_checkpoint(work, done, params, opt, ema=ema)
+                save_checkpoint(work, done, params, opt, {"window": window}, ema=ema)
     for m in modules.values():
         m.eval()
     save_checkpoint(work, cfg.steps, params, opt, {"finished": True}, ema=ema)
