@@ -169,7 +169,7 @@ def _tr_resume_replaying_step_4(argv):
 
     from onereward_cli import train_reward
 
-    real_list, real_rmtree, real_eval = train_reward.list_checkpoints, shutil.rmtree, train_reward.evaluate
+    real_list, real_rmtree = train_reward.list_checkpoints, shutil.rmtree
     first = [True]
 
     def older_first(out):
@@ -314,6 +314,53 @@ def test_saving_the_latest_checkpoint_again_never_unnames_it(save, tmp_path, mon
         pass
     name = json.loads((ckd / "latest.json").read_text())["path"]
     assert (ckd / name / "state.json").is_file()
+
+
+def test_a_discarded_folder_is_never_half_deleted_under_its_name(tmp_path, monkeypatch):
+    """train-reward's old checkpoints and final/ go through `discard_folder`: killed while the files are
+    deleted, the folder has left its name already (a torn one never looks complete); the next run's
+    stale-temp cleanup removes what is left."""
+    import shutil
+
+    from onereward_cli.artifacts import discard_folder, remove_stale_temps
+
+    ck = tmp_path / "checkpoints" / "step-00000004"
+    ck.mkdir(parents=True)
+    for f in ("trainable.safetensors", "state.json"):
+        (ck / f).write_text("x")
+
+    real = shutil.rmtree
+
+    def killed_deleting(path, *a, **k):
+        if not Path(path).exists():
+            return real(path, *a, **k)
+        next(Path(path).iterdir()).unlink()  # one file deleted, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        discard_folder(ck)
+    monkeypatch.undo()
+    assert not ck.exists() and temps(tmp_path)
+    assert remove_stale_temps(tmp_path) == 1 and list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_random_zoo_build_killed_leaves_a_leftover_the_next_build_removes(tmp_path):
+    """A SIGKILLed `build_zoo` leaves its `.NAME.building-PID` folder (the model built, not yet renamed into
+    place); the next build removes those of dead processes, keeps a live one's (a concurrent build) and
+    builds the model as a clean build does."""
+    from onereward_cli.models.tiny import build_zoo
+
+    zoo, clean = tmp_path / "zoo", tmp_path / "clean"
+    killed("replace", 1, [], main=lambda argv: build_zoo(zoo, only=["open-clip"]))
+    left = [p.name for p in zoo.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".open-clip.building-") and not (zoo / "open-clip").exists()
+    live = zoo / f".qwen2.5-vl.building-{os.getppid()}"  # this test's parent: a build still running
+    live.mkdir()
+    build_zoo(zoo, only=["open-clip"])
+    assert sorted(p.name for p in zoo.iterdir()) == [live.name, "open-clip"]
+    build_zoo(clean, only=["open-clip"])
+    assert tree(zoo / "open-clip") == tree(clean / "open-clip")
 
 
 def untimed(x):
