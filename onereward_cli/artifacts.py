@@ -79,6 +79,21 @@ def remove_stale_temps(root: str | os.PathLike) -> int:
     return n
 
 
+def discard_folder(path) -> None:
+    """Delete a folder without ever leaving it half-deleted under its name: it is first renamed to a
+    temp name (atomic), then removed. A kill in between leaves a temp folder that `remove_stale_temps`
+    removes; never a folder that looks complete (its marker file kept) but lacks files."""
+    import shutil
+
+    path = Path(path)
+    if not path.exists():
+        return
+    gone = path.with_name(f".{path.name}.discard.tmp")
+    shutil.rmtree(gone, ignore_errors=True)
+    path.rename(gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def check_out_dir(path, field: str = "--out", *, file: bool = False) -> Path:
     """Fail early, naming the option, when `path` cannot become an output folder (or, with file=True,
     an output file): it, or the nearest existing folder above it, is a file or is not writable."""

@@ -181,8 +181,8 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
     from accelerate.utils import DistributedType
     from rich.console import Console
 
-    from .artifacts import (RunManifest, load_tensors, read_jsonl, remove_stale_temps, save_tensors, write_json,
-                            write_jsonl)
+    from .artifacts import (RunManifest, discard_folder, load_tensors, read_jsonl, remove_stale_temps, save_tensors,
+                            write_json, write_jsonl)
 
     w = r.reward
     out = Path(out)
@@ -244,6 +244,8 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        # run.json marks a finished run: a resumed one is not finished until it writes its own, last
+        (out / "run.json").unlink(missing_ok=True)
         if world == 1:  # temp files and half-assembled checkpoints of a killed run
             remove_stale_temps(out)
     accelerator.wait_for_everyone()
@@ -343,6 +345,12 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
         ckdir = out / CKPT_DIR
         tmp = ckdir / f".step-{at_step:08d}.tmp"
         final = ckdir / f"step-{at_step:08d}"
+        # A complete checkpoint of this step (its state.json, written last, is there) holds exactly this
+        # state: keep it. Replacing it would leave, between its deletion and the rename, no checkpoint of
+        # this step (a kill there resumes from an older one, or from none) or a half-deleted one that
+        # still looks complete. Every rank sees the same answer: nothing renames before the barriers below.
+        if (final / "state.json").is_file():
+            return
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -366,10 +374,10 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
                 "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            shutil.rmtree(final, ignore_errors=True)
+            discard_folder(final)  # a folder without state.json: never a checkpoint
             tmp.rename(final)
             for old in list_checkpoints(out)[:-w.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+                discard_folder(old)  # renamed away first: a kill never leaves it half-deleted
         accelerator.wait_for_everyone()
 
     # -- train ---------------------------------------------------------------------------------
@@ -461,7 +469,9 @@ def run(r, pairs_dir, out, *, resume: bool = False) -> Path:
                                        "normalise": w.normalise, "yes_token": w.yes_token, "no_token": w.no_token,
                                        "image_size": w.image_size, "max_pixels": scorer.image_processor.max_pixels,
                                        "steps": step, "lora_merged": w.lora})
-        shutil.rmtree(final_dir, ignore_errors=True)
+        # The old final/ (a resumed finished run) is renamed away, never half-deleted in place; run.json,
+        # the mark of a finished run, was removed when this run started and is written last.
+        discard_folder(final_dir)
         tmp.rename(final_dir)
         if final_report is not None:
             save_accuracy(final_report, out, "accuracy", baseline=baseline)

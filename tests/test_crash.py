@@ -24,7 +24,8 @@ def _arm(how: str, where):
     """In the child: make the process SIGKILL itself at the chosen point. "replace": on the N-th
     `os.replace` (the last step of every atomic write: its temp file is written, not renamed). "rename":
     right after a folder got the final name `where` (`Path.rename`: checkpoints, policy folders).
-    "call" / "after": on the N-th call of `where` = "module:attr:N", before it runs / once it returned."""
+    "renaming": right before a folder gets the final name `where` (the last moment its old content may be
+    gone). "call" / "after": on the N-th call of `where` = "module:attr:N", before it runs / once it returned."""
     import importlib
     import pathlib
 
@@ -42,10 +43,12 @@ def _arm(how: str, where):
                 die()
             return real(src, dst, *a, **k)
         os.replace = replace
-    elif how == "rename":
+    elif how in ("rename", "renaming"):
         real = pathlib.Path.rename
 
         def rename(self, dst):
+            if how == "renaming" and pathlib.Path(dst).name == where:
+                die()
             out = real(self, dst)
             if pathlib.Path(dst).name == where:
                 die()
@@ -74,7 +77,8 @@ def killed(how: str, where, argv: list[str], main=None):
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         try:
-            _arm(how, where)
+            if how:  # None: `main` places its own kill
+                _arm(how, where)
             (main or cli.main)(argv)
         except BaseException:  # noqa: BLE001 - reported through the exit status and stderr
             traceback.print_exc()
@@ -153,6 +157,78 @@ def test_train_reward_killed_at_a_checkpoint_resumes_to_identical_weights(tmp_pa
     history = [(full / "eval_history.jsonl").read_text().splitlines(),
                (part / "eval_history.jsonl").read_text().splitlines()]
     assert history[0] == history[1] and len(history[0]) == 2  # step 2, and the final one at step 4
+    assert json.loads((full / "accuracy.json").read_text()) == json.loads((part / "accuracy.json").read_text())
+    assert not temps(part)
+
+
+def _tr_resume_replaying_step_4(argv):
+    """`onereward train-reward ... --resume` that resumes from step 2 although step 4 is saved (as rl and
+    pretraining resumed at their last step save it again), SIGKILLed at its final evaluation: after the
+    step-4 checkpoint was due, or right after a replaced step-4 folder was deleted (before the rename)."""
+    import shutil
+
+    from onereward_cli import train_reward
+
+    real_list, real_rmtree = train_reward.list_checkpoints, shutil.rmtree
+    first = [True]
+
+    def older_first(out):
+        cks = real_list(out)
+        if first[0]:
+            first[0] = False
+            cks = [c for c in cks if c.name != "step-00000004"]
+        return cks
+
+    def rmtree(path, *a, **k):
+        real_rmtree(path, *a, **k)
+        if Path(path).name == "step-00000004":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    _arm("renaming", "step-00000004")  # or renamed away, the new one not yet in place
+
+    def evaluate(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    train_reward.list_checkpoints, shutil.rmtree, train_reward.evaluate = older_first, rmtree, evaluate
+    cli.main(argv)
+
+
+def test_train_reward_saving_a_checkpoint_again_or_its_final_model_killed_resumes_to_identical_weights(tmp_path, zoo):
+    """Killed while re-saving a step that is saved already, and right before final/ gets its name (first
+    run, and a resume of a finished run): never a run without its newest checkpoint, never a run.json
+    (the mark of a finished run) without a complete final/; --resume then equals an uninterrupted run."""
+    from test_train_reward import make_pairs
+
+    from onereward_cli.reward import REWARD_META
+    from onereward_cli.train_reward import list_checkpoints
+
+    pairs = make_pairs(tmp_path / "pairs", n=3)
+    full, part = tmp_path / "full", tmp_path / "part"
+    args = ["train-reward", str(pairs), *TR_SET]
+    in_process(args + ["--out", str(full)])
+
+    def final_ok(d):
+        return (d / "final" / REWARD_META).is_file() and (d / "final" / "model.safetensors").is_file()
+
+    killed("renaming", "final", args + ["--out", str(part)])  # the first run, trained and evaluated
+    assert not (part / "run.json").exists() and not (part / "final").exists()
+    in_process(args + ["--out", str(part), "--resume"])
+    assert final_ok(part) and (part / "run.json").is_file()
+    killed("renaming", "final", args + ["--out", str(part), "--resume"])  # a finished run resumed
+    assert not (part / "run.json").exists()
+    killed(None, None, args + ["--out", str(part), "--resume"], main=_tr_resume_replaying_step_4)
+    assert [c.name for c in list_checkpoints(part)] == ["step-00000002", "step-00000004"]
+    assert not (part / "run.json").exists()
+    in_process(args + ["--out", str(part), "--resume"])
+    assert final_ok(part) and json.loads((part / "run.json").read_text())["resumed_from"].endswith("step-00000004")
+    assert weights_equal(full / "final" / "model.safetensors", part / "final" / "model.safetensors")
+    states = [[{k: v for k, v in json.loads((c / "state.json").read_text()).items() if k != "time"}
+               for c in list_checkpoints(d)] for d in (full, part)]
+    assert states[0] == states[1]
+    assert differing(full / "checkpoints", part / "checkpoints",
+                     skip=[f"{c}/state.json" for c in ("step-00000002", "step-00000004")]) == []
+    history = [(d / "eval_history.jsonl").read_text().splitlines() for d in (full, part)]
+    assert history[0] == history[1] and len(history[0]) == 2
     assert json.loads((full / "accuracy.json").read_text()) == json.loads((part / "accuracy.json").read_text())
     assert not temps(part)
 
@@ -238,6 +314,53 @@ def test_saving_the_latest_checkpoint_again_never_unnames_it(save, tmp_path, mon
         pass
     name = json.loads((ckd / "latest.json").read_text())["path"]
     assert (ckd / name / "state.json").is_file()
+
+
+def test_a_discarded_folder_is_never_half_deleted_under_its_name(tmp_path, monkeypatch):
+    """train-reward's old checkpoints and final/ go through `discard_folder`: killed while the files are
+    deleted, the folder has left its name already (a torn one never looks complete); the next run's
+    stale-temp cleanup removes what is left."""
+    import shutil
+
+    from onereward_cli.artifacts import discard_folder, remove_stale_temps
+
+    ck = tmp_path / "checkpoints" / "step-00000004"
+    ck.mkdir(parents=True)
+    for f in ("trainable.safetensors", "state.json"):
+        (ck / f).write_text("x")
+
+    real = shutil.rmtree
+
+    def killed_deleting(path, *a, **k):
+        if not Path(path).exists():
+            return real(path, *a, **k)
+        next(Path(path).iterdir()).unlink()  # one file deleted, then the kill
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        discard_folder(ck)
+    monkeypatch.undo()
+    assert not ck.exists() and temps(tmp_path)
+    assert remove_stale_temps(tmp_path) == 1 and list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_random_zoo_build_killed_leaves_a_leftover_the_next_build_removes(tmp_path):
+    """A SIGKILLed `build_zoo` leaves its `.NAME.building-PID` folder (the model built, not yet renamed into
+    place); the next build removes those of dead processes, keeps a live one's (a concurrent build) and
+    builds the model as a clean build does."""
+    from onereward_cli.models.tiny import build_zoo
+
+    zoo, clean = tmp_path / "zoo", tmp_path / "clean"
+    killed("replace", 1, [], main=lambda argv: build_zoo(zoo, only=["open-clip"]))
+    left = [p.name for p in zoo.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".open-clip.building-") and not (zoo / "open-clip").exists()
+    live = zoo / f".qwen2.5-vl.building-{os.getppid()}"  # this test's parent: a build still running
+    live.mkdir()
+    build_zoo(zoo, only=["open-clip"])
+    assert sorted(p.name for p in zoo.iterdir()) == [live.name, "open-clip"]
+    build_zoo(clean, only=["open-clip"])
+    assert tree(zoo / "open-clip") == tree(clean / "open-clip")
 
 
 def untimed(x):

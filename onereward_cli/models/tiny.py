@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -217,6 +218,48 @@ def build_open_clip(out: Path, seed: int = 0):
 BUILDERS = {"flux-fill": build_flux_fill, "qwen2.5-vl": build_qwen_vl, "open-clip": build_open_clip}
 
 
+_LEFTOVER = re.compile(r"^\..+\.(building|copying|old)-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def remove_dead_leftovers(out_dir: Path) -> list[str]:
+    """Remove the `.NAME.building-PID` / `.copying-PID` / `.old-PID` folders of processes that are no longer
+    running (killed builds or copies); a live process's (a concurrent build) is left alone. The PID is
+    checked on this machine only: a zoo folder shared by several machines may lose another's build in
+    progress (it then fails and is re-run)."""
+    gone = []
+    for p in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        m = _LEFTOVER.match(p.name)
+        if m and p.is_dir() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p.name)
+    return gone
+
+
+def _put_in_place(tmp: Path, target: Path) -> None:
+    """Move a finished folder to `target`, an older one there renamed away first (a kill never leaves it
+    half-deleted under its name, its `.complete` kept); raises OSError when another process got there first."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    try:
+        os.replace(tmp, target)  # atomic: a zoo model directory is either complete or absent
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def build_zoo(out_dir=None, seed: int = 0, force: bool = False, only=None) -> Path:
     """Build every random-init zoo model into `out_dir` (default: the cache); skip ones already complete."""
     out_dir = Path(out_dir) if out_dir else default_zoo_dir()
@@ -224,6 +267,7 @@ def build_zoo(out_dir=None, seed: int = 0, force: bool = False, only=None) -> Pa
         from ..errors import InputError
         raise InputError("exists and is not a folder", path=out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(out_dir)
     for name in only or ZOO_MODELS:
         target = out_dir / name
         marker = target / ".complete"
@@ -236,9 +280,8 @@ def build_zoo(out_dir=None, seed: int = 0, force: bool = False, only=None) -> Pa
         if marker.exists() and not force:  # another process finished the same build first
             shutil.rmtree(tmp, ignore_errors=True)
             continue
-        shutil.rmtree(target, ignore_errors=True)
         try:
-            os.replace(tmp, target)  # atomic: a zoo model directory is either complete or absent
+            _put_in_place(tmp, target)
         except OSError:
             if not marker.exists():
                 raise
@@ -321,12 +364,12 @@ def copy_trained_zoo(out, force: bool = False) -> Path:
     if clash and not force:
         raise InputError(f"already holds {', '.join(clash)}; pass --force to overwrite", path=out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_dead_leftovers(out)
     for d in names:
         tmp = out / f".{d.name}.copying-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(d, tmp)
-        shutil.rmtree(out / d.name, ignore_errors=True)
-        os.replace(tmp, out / d.name)
+        _put_in_place(tmp, out / d.name)
     shutil.copy2(src / TRAINED_MANIFEST, out / TRAINED_MANIFEST)
     return out
 
