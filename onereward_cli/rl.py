@@ -601,11 +601,16 @@ class Trainer:
         gen_ref = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         gen_pol = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         order, p_yes, x_thetas = [], [], []
-        for group in shape_buckets(self.conds, idx):  # one bucket (the whole batch) when shapes agree
+        groups = shape_buckets(self.conds, idx)  # one bucket (the whole batch) when shapes agree
+        conds, refs = [], []
+        # Every bucket's reference first: the dynamic reference swaps the EMA into the trainable weights
+        # in place, which must not happen while an earlier bucket's policy graph still needs them.
+        for group in groups:
             images, masks = stack_conditions(self.conds, group, self.device, self.dtype)
             with torch.no_grad(), self._timed("condition"):
-                cond = self.rollout.prepare_condition(self.pipe, images, masks, generator=gen)
-            x_ref = self.reference_images(group, cond, gen_ref)
+                conds.append(self.rollout.prepare_condition(self.pipe, images, masks, generator=gen))
+            refs.append(self.reference_images(group, conds[-1], gen_ref))
+        for group, cond, x_ref in zip(groups, conds, refs):
             x_theta = self.policy_images(group, cond, t, gen_pol)
             with self._timed("reward"):
                 p_yes += self.scorer.p_yes(x_theta.float(), x_ref.float(), self.queries(group),

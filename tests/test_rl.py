@@ -450,7 +450,10 @@ def test_float16_training_is_refused(conditions, zoo, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_conditions_keep_their_aspect_ratio_and_batches_bucket_by_shape(zoo, tmp_path):
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_conditions_keep_their_aspect_ratio_and_batches_bucket_by_shape(zoo, tmp_path, dynamic):
+    """Two shapes in one batch train; dynamic mode too, where swapping the EMA in for a later bucket's
+    reference must not touch weights an earlier bucket's graph saved (it did: an in-place error)."""
     d = tmp_path / "wide"
     d.mkdir()
     rng = np.random.default_rng(1)
@@ -469,7 +472,10 @@ def test_conditions_keep_their_aspect_ratio_and_batches_bucket_by_shape(zoo, tmp
     # about rl.resolution**2 pixels at the source's 4:1 aspect ratio, as generate sizes its conditions
     assert [tuple(c.image.shape[1:]) for c in conds] == [(32, 32), (16, 64), (32, 32), (16, 64)]
     assert all(c.mask.shape[1:] == c.image.shape[1:] for c in conds)
-    tr = rl.Trainer(r, conds, r.models.reward, dynamic=False)
+    tr = rl.Trainer(r, conds, r.models.reward, dynamic=dynamic)
+    with torch.no_grad():  # an EMA that differs from the weights, as after training
+        for n in tr.policy.ema:
+            tr.policy.ema[n].add_(0.01)
     step = next(s for s in range(50) if len(rl.shape_buckets(conds, rl.sample_batch(r, conds, tr.by_task, s)[0])) == 2)
     loss, idx, t, p_yes, x_theta = tr.step(step)
     assert sorted(tuple(x.shape[2:]) for x in x_theta) == [(16, 64), (32, 32)]
