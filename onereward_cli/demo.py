@@ -160,9 +160,32 @@ def summarise(out: Path, timings: dict):
                 last = sum(r["mean_reward"] for r in recs[-k:]) / k
                 console.print(f"{name}: mean reward first {k} steps {first:.3f} -> last {k} steps {last:.3f}; "
                               f"curves: {out / name / 'reward_curves.png'}")
+    metrics = out / "eval" / "metrics.json"
+    if metrics.exists():
+        line = _oracle_line(json.loads(metrics.read_text()))
+        if line:
+            console.print(line)
     rep = out / "eval" / "report.html"
     if rep.exists():
         console.print(f"eval report: {rep}")
+
+
+def _oracle_line(m: dict) -> str:
+    """Held-out oracle score per policy (mean over the benchmark's samples), each against base."""
+    totals: dict[str, list[float]] = {}
+    for task in m.get("summary", {}).values():
+        for label, v in task.items():
+            o = v.get("oracle")
+            if o:
+                totals.setdefault(label, []).extend([o["mean"] * o["n"], o["n"]])
+    means = {k: sum(v[0::2]) / sum(v[1::2]) for k, v in totals.items() if sum(v[1::2])}
+    labels = [p["label"] for p in m.get("policies", [])]
+    if len(labels) < 2 or not all(x in means for x in labels):
+        return ""
+    base = labels[1]  # demo order: static, base, dynamic
+    parts = [f"{base} {means[base]:.4f}"] + [f"{x} {means[x]:.4f} ({means[x] - means[base]:+.4f})"
+                                             for x in labels if x != base]
+    return "held-out oracle score (eval benchmark): " + ", ".join(parts)
 
 
 def _accuracy_text(acc: dict) -> str:
