@@ -87,6 +87,7 @@ def test_rl_moves_the_policy_the_way_the_reward_gradient_points(conditions, zoo,
         before = _fixed_brightness(tr)
         _train(tr, 6)
         moved[lr] = _fixed_brightness(tr) - before
+    print(f"brightness moved ({'dynamic' if dynamic else 'static'}): {moved}")
     # Measured on the shipped zoo: +0.02 to +0.1 (trained) vs |delta| < 1e-6 (control).
     assert moved[2e-2] > 0.01, moved
     assert abs(moved[1e-12]) < 1e-4, moved
@@ -177,5 +178,6 @@ def test_reward_model_learns_a_held_out_rule_and_shuffled_labels_do_not(tmp_path
             margin[key] = o["mean_p_yes_winner_first"] - o["mean_p_yes_winner_second"]
     # Order-symmetric accuracy alone cannot tell them apart: the shuffled model sits at P(yes) = 0.51 / 0.49,
     # a residual tilt that is "right" on every pair. Measured on the shipped zoo: margin MARGINS.
+    print(f"reward margins: {margin}")
     assert margin[False] >= 0.5, margin
     assert margin[True] < 0.2 and margin["base"] < 0.2, margin

@@ -83,6 +83,7 @@ def test_each_objective_falls_against_an_lr0_control(name, zoo_random, tmp_path)
     control = _stage(name, zoo_random, tmp_path / "lr0", 1e-12, steps)
     assert len(trained) == len(control) == 2
     # Same data per step (step_rng): the second half's mean loss differs only by what was learned.
+    print(f"{name}: trained {trained[-1]['loss']:.4f} control {control[-1]['loss']:.4f}")
     # Measured (12 steps): vae/flux/vlm/clip trained/control ratio RATIOS.
     assert trained[-1]["loss"] < 0.95 * control[-1]["loss"], (trained, control)
 
@@ -111,6 +112,7 @@ def test_trained_vae_reconstructs_and_the_random_one_does_not(zoo, zoo_random):
     held = heldout_images(world.WorldConfig(), 8)
     trained = psnr(AutoencoderKL.from_pretrained(zoo / "flux-fill", subfolder="vae"), held)
     rand = psnr(AutoencoderKL.from_pretrained(zoo_random / "flux-fill", subfolder="vae"), held)
+    print(f"PSNR trained {trained:.2f} random {rand:.2f}")
     # Measured: trained PSNR_T dB, random PSNR_R dB (BENCHMARKS.md: 64 held-out images).
     assert trained >= 25.0 and rand < 15.0, (trained, rand)
 
@@ -129,6 +131,7 @@ def test_trained_generator_beats_the_random_zoo_on_every_task(zoo, zoo_random):
         pipe.set_progress_bar_config(disable=True)
         with torch.no_grad():
             means[label] = flux.oracle_means(held, flux.sample(pipe, held))
+    print(f"generator oracle means: {means}")
     # Measured: MEANS.
     for task in means["random"]:
         assert means["trained"][task] > means["random"][task] + 0.05, means
