@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -691,6 +692,32 @@ def _heldout_oracle(trainer, conds, n: int) -> float:
     return float(sum(scores) / len(scores))
 
 
+def check_launch(cfg):
+    """Refuse launch configs rl would silently not honour, before accelerate reads them. rl runs data
+    parallel by hand (optimizer_step all-reduces the trainable gradients) and never passes the transformer
+    through accelerate.prepare, so an FSDP or DeepSpeed config would neither shard nor save memory: a full
+    fine-tuning run that needs the sharding would run out of memory later instead of failing here. Read
+    from the launcher's environment (what `accelerate launch` exports from the config file) because
+    Accelerator() itself dies with a traceback on an FSDP config without a GPU."""
+    env = os.environ
+    fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    zero = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if not (fsdp or zero):
+        return
+    world = int(env.get("WORLD_SIZE", "1"))
+    name = "FSDP" if fsdp else "DeepSpeed"
+    if cfg.lora:
+        raise InputError(f"LoRA runs under DDP (recipes/accelerate/ddp.yaml), not {name}: the adapters are small and "
+                         "rl averages their gradients itself", field="rl.lora")
+    if world < 2:
+        raise InputError(f"{name} shards over processes but this launch has one, so nothing would be sharded: "
+                         "run without accelerate launch (or with recipes/accelerate/ddp.yaml on several GPUs)",
+                         field="num_processes")
+    raise InputError(f"rl does not shard the policy under {name}: launch full fine-tuning with "
+                     "recipes/accelerate/ddp.yaml (every GPU then holds the transformer, its fp32 AdamW state and "
+                     "the frozen reference: see BENCHMARKS.md for the memory that needs)")
+
+
 def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = False, resume: bool = False,
         heldout=None):
     from accelerate import Accelerator
@@ -705,6 +732,7 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
         raise InputError("output folder already holds a run; pass --resume to continue it or choose another --out",
                          path=out)
     reward_spec = reward_model or recipe.models.reward
+    check_launch(cfg)
     acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(recipe.device == "cpu"))
     rank = acc.process_index
     fingerprint = run_fingerprint(recipe, _resolve_data_file(data), reward_spec, dynamic, acc.num_processes)

@@ -484,3 +484,35 @@ def test_conditions_keep_their_aspect_ratio_and_batches_bucket_by_shape(zoo, tmp
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tr.params)
     tr.opt.zero_grad(set_to_none=True)
     assert 0.0 <= rl.heldout_oracle(tr, conds) <= 1.0
+
+
+@pytest.mark.parametrize("lora, world, says", [("true", "2", "LoRA runs under DDP"), ("false", "1", "this launch has one"),
+                                            ("false", "2", "does not shard the policy")])
+def test_fsdp_launch_is_a_one_line_error(conditions, zoo, tmp_path, monkeypatch, capsys, lora, world, says):
+    """What `accelerate launch --config_file recipes/accelerate/fsdp.yaml` sets in the environment: rl would
+    otherwise ignore it (it never calls prepare) and run unsharded."""
+    from onereward_cli.cli import main
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("WORLD_SIZE", world)  # read only by the check, which runs before Accelerator()
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as e:
+        main(["rl", str(conditions), "--out", str(out)] + sum([["--set", s] for s in SET + [f"rl.lora={lora}"]], []))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and says in err, err
+    assert not out.exists()
+
+
+def test_fsdp_config_on_one_process_fails_fast_through_accelerate_launch(conditions, zoo, tmp_path):
+    out = tmp_path / "fsdp"
+    acc = Path(sys.executable).parent / "accelerate"
+    cfg = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp.yaml"
+    cmd = [str(acc), "launch", "--config_file", str(cfg), "--num_processes", "1", "-m", "onereward_cli.cli", "rl",
+           str(conditions), "--out", str(out)] + sum([["--set", s] for s in SET + ["rl.lora=false"]], [])
+    p = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0  # the launcher's own code; the rank's is 2 (see the in-process test)
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "this launch has one" in lines[0], p.stderr[-3000:]
+    assert "Traceback" not in p.stderr.split("error:")[0]  # the rank itself raised nothing
+    assert not out.exists()
