@@ -44,7 +44,10 @@ VIT_BUILT = dict(embed_dim=768, vision=dict(image_size=224, layers=1, width=128,
                  text=dict(context_length=77, vocab_size=49408, width=128, heads=2, layers=1))
 
 
-def build_flux_fill(out: Path, seed: int = 0):
+def build_flux_fill(out: Path, seed: int = 0, flux: dict | None = None, vae: dict | None = None,
+                    clip: dict | None = None, t5: dict | None = None):
+    """The configs default to the *_BUILT set; benchmarks/paper_scale.py passes its own sizes."""
+    flux, vae, clip, t5 = flux or FLUX_BUILT, vae or VAE_BUILT, clip or CLIP_BUILT, t5 or T5_BUILT
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
     from tokenizers import pre_tokenizers
@@ -62,11 +65,11 @@ def build_flux_fill(out: Path, seed: int = 0):
     tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
     tok2 = T5Tokenizer(vocab=t5_vocab(), extra_ids=0, model_max_length=512)
     torch.manual_seed(seed)
-    tr = FluxTransformer2DModel(**FLUX_BUILT)
+    tr = FluxTransformer2DModel(**flux)
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        in_channels=3, out_channels=3, **{**VAE_BUILT, "block_out_channels": tuple(VAE["block_out_channels"])})
-    te = CLIPTextModel(CLIPTextConfig(**CLIP_BUILT, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    te2 = T5EncoderModel(T5Config(**{k: v for k, v in T5_BUILT.items() if k != "max_sequence_length"},
+                        in_channels=3, out_channels=3, **{**vae, "block_out_channels": tuple(vae["block_out_channels"])})
+    te = CLIPTextModel(CLIPTextConfig(**clip, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    te2 = T5EncoderModel(T5Config(**{k: v for k, v in t5.items() if k != "max_sequence_length"},
                                   dropout_rate=0.0))
     for mod in (tr, vae, te, te2):
         mod.eval().to(torch.bfloat16)  # saved as the real checkpoint is (half the bytes of float32)
@@ -76,9 +79,10 @@ def build_flux_fill(out: Path, seed: int = 0):
                      transformer=tr).save_pretrained(out)
 
 
-def build_qwen_vl(out: Path, tiny_qwen: Path, seed: int = 0):
-    """The 7B layout at reduced depth/width; tokenizer, chat template and processor from the tiny zoo's
-    folder `tiny_qwen`, with the real checkpoint's pixel floor (56^2)."""
+def build_qwen_vl(out: Path, tiny_qwen: Path, seed: int = 0, text: dict | None = None, vision: dict | None = None):
+    """The 7B layout at reduced depth/width (or `text` / `vision` configs); tokenizer, chat template and
+    processor from the tiny zoo's folder `tiny_qwen`, with the real checkpoint's pixel floor (56^2)."""
+    text, vision = text or QWEN_TEXT_BUILT, vision or QWEN_VISION_BUILT
     import torch
     from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -87,13 +91,13 @@ def build_qwen_vl(out: Path, tiny_qwen: Path, seed: int = 0):
     tok = proc.tokenizer
     ids = {s: tok.convert_tokens_to_ids(s) for s in ("<|im_end|>", "<|endoftext|>", "<|image_pad|>", "<|video_pad|>",
                                                       "<|vision_start|>", "<|vision_end|>")}
-    t = {k: v for k, v in QWEN_TEXT_BUILT.items() if k != "mrope_section"}
+    t = {k: v for k, v in text.items() if k != "mrope_section"}
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(**t, max_position_embeddings=32768, max_window_layers=1,
+        text_config=dict(**t, max_position_embeddings=32768, max_window_layers=t["num_hidden_layers"],
                          rope_parameters={"rope_type": "default", "mrope_section": QWEN_TEXT["mrope_section"],
                                           "rope_theta": 1000000.0},
                          bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(**QWEN_VISION_BUILT),
+        vision_config=dict(**vision),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False)
