@@ -380,8 +380,9 @@ def test_eval_killed_mid_generation_and_mid_scoring_resumes_to_identical_results
     args = ["eval", "--policy", "zoo:flux-fill", "--compare", "zoo:flux-fill", "--benchmark", str(bench), *EVAL_SET]
     full, part = tmp_path / "full", tmp_path / "part"
     in_process(args + ["--out", str(full)])
-    # 4 samples: 8 input PNGs, then the edits: die writing the 2nd edit's PNG
-    killed("replace", 10, args + ["--out", str(part)])
+    # 4 samples: 8 input PNGs, the prompt-embedding cache (identity.json, one shard), then the edits:
+    # die writing the 2nd edit's PNG
+    killed("replace", 12, args + ["--out", str(part)])
     assert temps(part) and len((part / "edits.jsonl").read_text().splitlines()) == 1
     # re-run: 7 edits to make, then the scores (metrics, then reward-model judgements): die before the 3rd score
     killed("call", "onereward_cli.evaluate:append_jsonl:10", args + ["--out", str(part)])
