@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install install-dev clean
+.PHONY: demo test test-benchmarks install install-dev clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q tests
+
+test-benchmarks: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q tests -m benchmark
 
 clean:
 	rm -rf demo-out .pytest_cache
