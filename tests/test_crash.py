@@ -70,6 +70,20 @@ def _arm(how: str, where):
         setattr(mod, attr, hooked)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread for this module, parent and forked children alike. libgomp's thread pool does
+    not survive fork: a child's first parallel region waits forever for pool threads that exist only in
+    the parent (seen: CI hung in the first kill test). The same thread count on both sides also keeps
+    the uninterrupted and the resumed runs' numerics identical."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def killed(how: str, where, argv: list[str], main=None):
     """Run the command line (`onereward ...`, or `main(argv)`) in a forked child that SIGKILLs itself at
     the chosen point; fail unless it died so. Forked, the child starts with this process's imports
