@@ -50,19 +50,12 @@ def build_flux_fill(out: Path, seed: int = 0, flux: dict | None = None, vae: dic
     flux, vae, clip, t5 = flux or FLUX_BUILT, vae or VAE_BUILT, clip or CLIP_BUILT, t5 or T5_BUILT
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
-    from onereward_cli.models.tiny import t5_vocab
+    from onereward_cli.models.tiny import clip_tokenizer, t5_vocab
 
     # The tiny zoo's tokenizers (byte-level CLIP, word/char unigram T5): ids fit the real vocabularies.
-    alpha = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in alpha:
-        vocab[c] = len(vocab)
-    for c in alpha:
-        vocab[c + "</w>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tok = clip_tokenizer()
     tok2 = T5Tokenizer(vocab=t5_vocab(), extra_ids=0, model_max_length=512)
     torch.manual_seed(seed)
     tr = FluxTransformer2DModel(**flux)

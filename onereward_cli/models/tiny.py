@@ -146,6 +146,20 @@ def build_qwen_vl(out: Path, seed: int = 0):
     proc.save_pretrained(out)
 
 
+def clip_tokenizer():
+    """A byte-level CLIP tokenizer without merges (every byte a token): offline, ids fit any CLIP vocab."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    alpha = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in alpha:
+        vocab[c] = len(vocab)
+    for c in alpha:
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
 def t5_vocab() -> list[tuple[str, float]]:
     """Unigram pieces: whole words of the synthetic world (score -1) over a character fallback."""
     ch = [chr(i) for i in range(33, 127)]
@@ -159,16 +173,9 @@ def t5_vocab() -> list[tuple[str, float]]:
 def build_flux_fill(out: Path, seed: int = 0):
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
-    alpha = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in alpha:
-        vocab[c] = len(vocab)
-    for c in alpha:
-        vocab[c + "</w>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    tok = clip_tokenizer()
     t5v = t5_vocab()
     tok2 = T5Tokenizer(vocab=t5v, extra_ids=0)
     torch.manual_seed(seed)
