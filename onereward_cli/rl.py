@@ -35,6 +35,7 @@ from .checkpointing import (check_fingerprint, file_sha256, make_scheduler, name
                             optimizer_to_files)
 from .errors import InputError, TrainingAborted
 from .recipe import resolve_device, torch_dtype
+from .sharding import is_dtensor, like, local
 from .tasks import TASK_KEYS, check_mask, fit_size, task_prompt
 from .text_cache import TextCache, cache_root
 
@@ -126,10 +127,24 @@ def step_rng(seed: int, step: int, rank: int = 0) -> tuple[random.Random, torch.
     return random.Random(s), torch.Generator().manual_seed(s)
 
 
-def sample_batch(recipe, conds, by_task, step: int, rank: int = 0):
-    """Alg. 1 lines 4-6: tasks by p_k, conditions uniformly within D_k, a stop step t in [t1, t2]."""
+def sample_batch(recipe, conds, by_task, step: int, rank: int = 0, one_shape: bool = False):
+    """Alg. 1 lines 4-6: tasks by p_k, conditions uniformly within D_k, a stop step t in [t1, t2].
+
+    one_shape (FSDP): every rank's batch has the same image shape and the same t, so every rank calls the
+    sharded blocks equally often (each call is a collective). The step's shape is that of one condition
+    drawn as usual by a rank-independent generator; each sample is then drawn from the conditions of that
+    shape with their usual weights p_k / |D_k|. Over steps every sample still has the unconditional
+    distribution: P(c) = P(shape of c) * P(c | shape)."""
     rng, gen = step_rng(recipe.seed, step, rank)
     keys, probs = task_distribution(recipe, by_task)
+    if one_shape:
+        shared, _ = step_rng(recipe.seed, step, 0)
+        k = shared.choices(keys, weights=probs, k=1)[0]
+        shape = tuple(conds[shared.choice(by_task[k])].image.shape)
+        pool = [i for key in keys for i in by_task[key] if tuple(conds[i].image.shape) == shape]
+        weight = {key: p / len(by_task[key]) for key, p in zip(keys, probs)}
+        idx = rng.choices(pool, weights=[weight[conds[i].task] for i in pool], k=recipe.rl.batch_size)
+        return idx, shared.randint(recipe.rl.t1, recipe.rl.t2), gen
     idx = []
     for _ in range(recipe.rl.batch_size):
         k = rng.choices(keys, weights=probs, k=1)[0]
@@ -165,7 +180,7 @@ class Policy:
     copy (static) or the EMA copy itself (dynamic).
     """
 
-    def __init__(self, transformer, rl_cfg, dynamic: bool, seed: int = 0):
+    def __init__(self, transformer, rl_cfg, dynamic: bool, seed: int = 0, shard=None):
         self.cfg, self.dynamic = rl_cfg, dynamic
         self.transformer = transformer
         self.lora = rl_cfg.lora
@@ -184,11 +199,18 @@ class Policy:
         self.reference = None
         if not self.lora and not dynamic:  # copied before the upcast: the frozen reference stays in `dtype`
             self.reference = copy.deepcopy(transformer).requires_grad_(False).eval()
+            if shard is not None:
+                shard(self.reference)
         # fp32 master weights: AdamW's steps (~lr) are below half a bf16 ulp for most weights and would be
         # rounded away. The forward runs under autocast in the recipe's dtype (Trainer.autocast).
-        for p in transformer.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        if shard is not None:  # FSDP2: upcast block by block as each is sharded (sharding.Sharder)
+            shard(transformer, upcast=True)
+        else:
+            for p in transformer.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        self.sharded = shard is not None
+        # Under FSDP these are DTensors (this rank's shard); the EMA clones them and is sharded alike.
         self.trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         self.ema = {n: p.detach().clone().float() for n, p in self.trainable.items()}
 
@@ -222,13 +244,17 @@ class Policy:
                     p.copy_(stash[n])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.trainable.items()}
+        """The trainable weights (under FSDP: this rank's shards)."""
+        return {n: local(p.detach()) for n, p in self.trainable.items()}
+
+    def ema_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: local(e) for n, e in self.ema.items()}
 
     def load_state_tensors(self, params: dict, ema: dict):
         with torch.no_grad():
             for n, p in self.trainable.items():
-                p.copy_(params[n])
-                self.ema[n].copy_(ema[n])
+                p.copy_(like(params[n], p))
+                self.ema[n].copy_(like(ema[n], self.ema[n]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +291,8 @@ def stored_in(module, dtype):
 
 
 def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool, extra: dict | None = None,
-                    dtype=None):
+                    dtype=None, state: dict | None = None):
+    """`state`: the full transformer weights gathered from FSDP shards (written instead of the module's own)."""
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -277,6 +304,10 @@ def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool,
         pipe_cls.save_lora_weights(tmp, transformer_lora_layers=get_peft_model_state_dict(transformer),
                                    transformer_lora_adapter_metadata=lora_metadata(transformer),
                                    safe_serialization=True)
+    elif state is not None:
+        from .sharding import save_transformer_folder
+
+        save_transformer_folder(transformer, state, tmp)
     else:
         with stored_in(transformer, dtype) if dtype is not None else contextlib.nullcontext():
             transformer.save_pretrained(tmp, safe_serialization=True)
@@ -292,7 +323,7 @@ def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool,
 _RESUMABLE_KEYS = ("steps", "save_every", "eval_every", "heldout_n", "log_every", "max_nonfinite")
 
 
-def run_fingerprint(recipe, data_file: Path, reward_spec: str, dynamic: bool, world: int) -> dict:
+def run_fingerprint(recipe, data_file: Path, reward_spec: str, dynamic: bool, world: int, fsdp: bool = False) -> dict:
     """What a checkpoint must agree with to be resumed (stored in its state.json)."""
     from .recipe import to_plain
 
@@ -302,7 +333,7 @@ def run_fingerprint(recipe, data_file: Path, reward_spec: str, dynamic: bool, wo
             "rl": {k: v for k, v in to_plain(recipe.rl).items() if k not in _RESUMABLE_KEYS},
             "reward": {k: getattr(w, k) for k in ("query_mode", "bold", "normalise", "yes_token", "no_token",
                                                   "image_size")},
-            "data_sha256": file_sha256(data_file), "processes": world}
+            "data_sha256": file_sha256(data_file), "processes": world, **({"fsdp": True} if fsdp else {})}
 
 
 def check_resume(out: Path, fingerprint: dict):
@@ -319,24 +350,43 @@ def check_resume(out: Path, fingerprint: dict):
         check_fingerprint(state["fingerprint"], fingerprint, ck, ["rl." + k for k in _RESUMABLE_KEYS])
 
 
-def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: dict, fingerprint=None):
+def _barrier(dist):
+    if dist is not None:
+        torch.distributed.barrier()
+
+
+def _suffix(dist) -> str:
+    return "" if dist is None else f".rank{dist[0]:02d}"
+
+
+def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: dict, fingerprint=None, dist=None):
+    """dist = (rank, world) under FSDP: every rank calls this and writes its own shards (policy.rank00...,
+    nothing gathered); rank 0 then publishes the folder. Without FSDP only the main process calls it."""
     ck = out / "checkpoints" / f"step-{step:06d}"
     if names_latest(ck.parent, ck.name):  # resumed at this step: nothing new to save
         return ck
     tmp = ck.with_name(f".{ck.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_tensors(tmp / "policy.safetensors", policy.state_tensors())
-    save_tensors(tmp / "ema.safetensors", policy.ema)
+    rank = 0 if dist is None else dist[0]
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(dist)
+    sfx = _suffix(dist)
+    save_tensors(tmp / f"policy{sfx}.safetensors", policy.state_tensors())
+    save_tensors(tmp / f"ema{sfx}.safetensors", policy.ema_tensors())
     ot, ometa = optimizer_to_files(opt)
-    save_tensors(tmp / "optimizer.safetensors", ot or {"_empty": torch.zeros(1)})
-    save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
-    write_json(tmp / "state.json", {"step": step, "optimizer": ometa, "scheduler": sched.state_dict(),
-                                    "lr_schedule": lr_record(policy.cfg), "counters": counters,
-                                    "fingerprint": fingerprint})
-    shutil.rmtree(ck, ignore_errors=True)
-    tmp.rename(ck)
-    write_json(out / "checkpoints" / "latest.json", {"step": step, "path": ck.name})
+    ot = {k: local(v) for k, v in ot.items()}
+    save_tensors(tmp / f"optimizer{sfx}.safetensors", ot or {"_empty": torch.zeros(1)})
+    save_tensors(tmp / f"rng{sfx}.safetensors", {"torch": torch.get_rng_state()})
+    _barrier(dist)  # every shard is on disk before the folder is published
+    if rank == 0:
+        write_json(tmp / "state.json", {"step": step, "optimizer": ometa, "scheduler": sched.state_dict(),
+                                        "lr_schedule": lr_record(policy.cfg), "counters": counters,
+                                        "fingerprint": fingerprint, "shards": None if dist is None else dist[1]})
+        shutil.rmtree(ck, ignore_errors=True)
+        tmp.rename(ck)
+        write_json(out / "checkpoints" / "latest.json", {"step": step, "path": ck.name})
+    _barrier(dist)
     return ck
 
 
@@ -360,7 +410,7 @@ def check_lr_record(saved: dict | None, now: dict, ck: Path):
                       "decay is stretched over the new total from here on", UserWarning, stacklevel=3)
 
 
-def load_checkpoint(out: Path, policy: Policy, opt, sched) -> tuple[int, dict]:
+def load_checkpoint(out: Path, policy: Policy, opt, sched, dist=None) -> tuple[int, dict]:
     latest = out / "checkpoints" / "latest.json"
     if not latest.exists():
         raise InputError("--resume: no checkpoint found", path=out / "checkpoints")
@@ -368,11 +418,18 @@ def load_checkpoint(out: Path, policy: Policy, opt, sched) -> tuple[int, dict]:
     ck = out / "checkpoints" / info["path"]
     state = json.loads((ck / "state.json").read_text())
     check_lr_record(state.get("lr_schedule"), lr_record(policy.cfg), ck)
-    policy.load_state_tensors(load_tensors(ck / "policy.safetensors"), load_tensors(ck / "ema.safetensors"))
-    ot = {k: v for k, v in load_tensors(ck / "optimizer.safetensors").items() if k != "_empty"}
-    opt.load_state_dict(optimizer_from_files(ot, state["optimizer"]))
+    sfx = _suffix(dist)
+    policy.load_state_tensors(load_tensors(ck / f"policy{sfx}.safetensors"), load_tensors(ck / f"ema{sfx}.safetensors"))
+    ot = {k: v for k, v in load_tensors(ck / f"optimizer{sfx}.safetensors").items() if k != "_empty"}
+    osd = optimizer_from_files(ot, state["optimizer"])
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for pid, st in osd["state"].items():  # FSDP: AdamW's moments are shards placed like their parameter
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0 and is_dtensor(params[pid]):
+                st[k] = like(v, params[pid])
+    opt.load_state_dict(osd)
     sched.load_state_dict(state["scheduler"])
-    torch.set_rng_state(load_tensors(ck / "rng.safetensors")["torch"])
+    torch.set_rng_state(load_tensors(ck / f"rng{sfx}.safetensors")["torch"])
     return int(state["step"]), state.get("counters", {})
 
 
@@ -442,7 +499,7 @@ class Trainer:
     """Holds everything one RL run needs; `step()` is Alg. 1 lines 4-14 for one batch."""
 
     def __init__(self, recipe, conds, reward_spec: str, dynamic: bool, accelerator=None, extra_conds=(),
-                 text_cache_dir=None):
+                 text_cache_dir=None, shard_spec=None):
         from . import rollout
         from .models.flux_fill import load_fill_pipeline
         from .reward import RewardScorer, build_query
@@ -463,7 +520,19 @@ class Trainer:
         self.by_task: dict[str, list[int]] = {}
         for i, c in enumerate(conds):
             self.by_task.setdefault(c.task, []).append(i)
-        self.pipe = load_fill_pipeline(recipe.models.policy, device=self.device, dtype=self.dtype)
+        # FSDP: the transformer is loaded on the CPU and each block moves to the device as it is sharded.
+        self.sharder = None
+        if shard_spec is not None:
+            from .sharding import Sharder
+
+            self.sharder = Sharder(shard_spec, self.device, param_dtype=self.compute_dtype)
+        self.pipe = load_fill_pipeline(recipe.models.policy, device="cpu" if self.sharder else self.device,
+                                       dtype=self.dtype)
+        if self.sharder is not None:
+            for name in ("vae", "text_encoder", "text_encoder_2"):
+                getattr(self.pipe, name).to(self.device)
+        # Every rank's batch has one shared shape and t when each transformer call is a collective.
+        self.one_shape = self.sharder is not None
         # Text embeddings: every distinct prompt (held-out ones too) encoded once into the on-disk cache,
         # then the text encoders are dropped; steps read only their batch's rows back (`text_embeds`).
         prompts = sorted({c.prompt for c in list(conds) + list(extra_conds)})
@@ -485,7 +554,7 @@ class Trainer:
         if self.cfg.gradient_checkpointing:
             self.pipe.transformer.enable_gradient_checkpointing()
             self.pipe.vae.enable_gradient_checkpointing()
-        self.policy = Policy(self.pipe.transformer, self.cfg, dynamic, seed=recipe.seed)
+        self.policy = Policy(self.pipe.transformer, self.cfg, dynamic, seed=recipe.seed, shard=self.sharder)
         self.scorer = RewardScorer.load(reward_spec, recipe.reward, device=self.device, dtype=self.dtype)
         if self.cfg.reward_activation_checkpointing:
             self.scorer.enable_activation_checkpointing()
@@ -555,12 +624,19 @@ class Trainer:
         hw = self.conds[idx[0]].image.shape[-2:]
         if not (self.cfg.cache_reference and not self.dynamic):
             return self._reference_rollout(cond, self._embeds(idx), self._noise(len(idx), gen_ref, hw), hw)
-        for i in idx:
-            if i not in self.ref_cache:
-                g = torch.Generator().manual_seed(self.r.seed * 7_777 + i)
-                image, mask = stack_conditions(self.conds, [i], self.device, self.dtype)
-                c1 = self.rollout.prepare_condition(self.pipe, image, mask, generator=g)
-                self.ref_cache[i] = self._reference_rollout(c1, self._embeds([i]), self._noise(1, g, hw), hw)[0]
+        misses = list(dict.fromkeys(i for i in idx if i not in self.ref_cache))
+        rollouts = len(misses)
+        if self.sharder is not None:  # FSDP: every rank rolls out as often as the one with most misses
+            n = torch.tensor([rollouts], dtype=torch.int64)
+            torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
+            rollouts = int(n.item())
+        for k in range(rollouts):
+            i = misses[k] if k < len(misses) else idx[0]  # beyond this rank's misses: redone, result unused
+            g = torch.Generator().manual_seed(self.r.seed * 7_777 + i)
+            image, mask = stack_conditions(self.conds, [i], self.device, self.dtype)
+            c1 = self.rollout.prepare_condition(self.pipe, image, mask, generator=g)
+            x = self._reference_rollout(c1, self._embeds([i]), self._noise(1, g, hw), hw)[0]
+            self.ref_cache.setdefault(i, x)
         return torch.stack([self.ref_cache[i] for i in idx])
 
     def policy_images(self, idx, cond, t, gen_pol):
@@ -598,7 +674,7 @@ class Trainer:
     def _step(self, step: int, rank: int):
         """Returns (loss, idx, t, p_yes, x_theta): idx in shape-bucket order, p_yes per sample of idx,
         x_theta one (n, 3, H, W) tensor per bucket."""
-        idx, t, gen = sample_batch(self.r, self.conds, self.by_task, step, rank)
+        idx, t, gen = sample_batch(self.r, self.conds, self.by_task, step, rank, one_shape=self.one_shape)
         gen_ref = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         gen_pol = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
         order, p_yes, x_thetas = [], [], []
@@ -622,11 +698,20 @@ class Trainer:
         return loss, order, t, p_yes, x_thetas
 
     def optimizer_step(self, loss):
+        self.backward(loss)
+        return self.update()
+
+    def backward(self, loss):
         with self._timed("backward"):
             loss.backward()
-            if self.acc is not None and self.acc.num_processes > 1:
+
+    def update(self) -> float:
+        """Average the gradients across ranks, clip, step AdamW and the schedule, update the EMA."""
+        with self._timed("backward"):
+            if self.acc is not None and self.acc.num_processes > 1 and self.sharder is None:
                 # Data parallel by hand: average gradients across ranks. The transformer is not wrapped
                 # in DDP because the reference rollout needs the bare module (adapters off / EMA in).
+                # (Under FSDP the backward has reduce-scattered the averaged gradients already.)
                 for p in self.params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -636,6 +721,8 @@ class Trainer:
                 gn = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
             else:
                 gn = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
+            if is_dtensor(gn):  # FSDP: the norm over all shards
+                gn = gn.full_tensor()
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
@@ -693,19 +780,21 @@ def _heldout_oracle(trainer, conds, n: int) -> float:
 
 
 def check_launch(cfg):
-    """Refuse launch configs rl would silently not honour, before accelerate reads them. rl runs data
-    parallel by hand (optimizer_step all-reduces the trainable gradients) and never passes the transformer
-    through accelerate.prepare, so an FSDP or DeepSpeed config would neither shard nor save memory: a full
-    fine-tuning run that needs the sharding would run out of memory later instead of failing here. Read
-    from the launcher's environment (what `accelerate launch` exports from the config file) because
-    Accelerator() itself dies with a traceback on an FSDP config without a GPU."""
+    """The launch's sharding, checked before accelerate reads it: None (one process or data parallel) or the
+    FSDP settings (sharding.ShardSpec) for full fine-tuning on several processes. LoRA runs data parallel
+    (the adapters are small; optimizer_step averages their gradients), DeepSpeed is not supported, FSDP on
+    one process would shard nothing. Read from the launcher's environment (what `accelerate launch`
+    exports from the config file) because Accelerator() itself dies with a traceback on an FSDP config
+    without a GPU."""
+    from .sharding import from_launch
+
     env = os.environ
-    fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    spec = from_launch(env)
     zero = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if not (fsdp or zero):
-        return
+    if spec is None and not zero:
+        return None
     world = int(env.get("WORLD_SIZE", "1"))
-    name = "FSDP" if fsdp else "DeepSpeed"
+    name = "FSDP" if spec is not None else "DeepSpeed"
     if cfg.lora:
         raise InputError(f"LoRA runs under DDP (recipes/accelerate/ddp.yaml), not {name}: the adapters are small and "
                          "rl averages their gradients itself", field="rl.lora")
@@ -713,9 +802,22 @@ def check_launch(cfg):
         raise InputError(f"{name} shards over processes but this launch has one, so nothing would be sharded: "
                          "run without accelerate launch (or with recipes/accelerate/ddp.yaml on several GPUs)",
                          field="num_processes")
-    raise InputError(f"rl does not shard the policy under {name}: launch full fine-tuning with "
-                     "recipes/accelerate/ddp.yaml (every GPU then holds the transformer, its fp32 AdamW state and "
-                     "the frozen reference: see BENCHMARKS.md for the memory that needs)")
+    if zero:
+        raise InputError("rl does not run under DeepSpeed: shard full fine-tuning with FSDP "
+                         "(recipes/accelerate/fsdp-rl.yaml)")
+    return spec
+
+
+@contextlib.contextmanager
+def _without_accelerate_fsdp():
+    """Accelerator() would build its own FSDP plugin from the environment (and fail without a GPU); rl
+    shards the transformer itself (sharding.py) and uses accelerate only for the process group."""
+    saved = os.environ.pop("ACCELERATE_USE_FSDP", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["ACCELERATE_USE_FSDP"] = saved
 
 
 def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = False, resume: bool = False,
@@ -732,15 +834,18 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
         raise InputError("output folder already holds a run; pass --resume to continue it or choose another --out",
                          path=out)
     reward_spec = reward_model or recipe.models.reward
-    check_launch(cfg)
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(recipe.device == "cpu"))
+    shard_spec = check_launch(cfg)
+    with _without_accelerate_fsdp():
+        acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=(recipe.device == "cpu"))
     rank = acc.process_index
-    fingerprint = run_fingerprint(recipe, _resolve_data_file(data), reward_spec, dynamic, acc.num_processes)
+    dist = (rank, acc.num_processes) if shard_spec is not None else None  # FSDP: every rank saves its shards
+    fingerprint = run_fingerprint(recipe, _resolve_data_file(data), reward_spec, dynamic, acc.num_processes,
+                                  fsdp=dist is not None)
     if resume:
         check_resume(out, fingerprint)
     heldout_conds = load_conditions(recipe, heldout) if heldout else conds
     trainer = Trainer(recipe, conds, reward_spec, dynamic, accelerator=acc, extra_conds=heldout_conds,
-                      text_cache_dir=cache_root(recipe, out))
+                      text_cache_dir=cache_root(recipe, out), shard_spec=shard_spec)
     man = RunManifest("rl-dynamic" if dynamic else "rl", out, recipe,
                       inputs={"data": _resolve_data_file(data), "reward_model": reward_spec})
     out.mkdir(parents=True, exist_ok=True)
@@ -749,7 +854,7 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
     start, counters = 0, {"nonfinite": 0}
     log_path = out / "log.jsonl"
     if resume:
-        start, counters = load_checkpoint(out, trainer.policy, trainer.opt, trainer.sched)
+        start, counters = load_checkpoint(out, trainer.policy, trainer.opt, trainer.sched, dist=dist)
         console.print(f"rl: resumed at step {start}")
         _truncate_log(log_path, start)
     elif log_path.exists():
@@ -792,25 +897,36 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
                     if "heldout_oracle" in rec:
                         tb.add_scalar("heldout/oracle", rec["heldout_oracle"], step + 1)
             prog.update(bar, advance=1, info=f"loss {rec['loss']:.3f} reward {rec['mean_reward']:.3f}")
-            if acc.is_main_process and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                save_checkpoint(out, step + 1, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint)
+            saver = acc.is_main_process or dist is not None
+            if saver and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+                save_checkpoint(out, step + 1, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint, dist)
             acc.wait_for_everyone()
+    if dist is not None:  # FSDP: shards on every rank; policy/ and ema/ gathered (a collective) for rank 0
+        from .sharding import gathered
+
+        save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint, dist)
+        tr = trainer.policy.transformer
+        full = gathered(tr.state_dict(), trainer.dtype)
+        with trainer.policy.swapped_in_ema():
+            full_ema = gathered(tr.state_dict(), trainer.dtype)
     if acc.is_main_process:
-        save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint)
+        if dist is None:
+            save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint)
         from diffusers import FluxFillPipeline
 
         tr = trainer.policy.transformer
         save_policy_dir(FluxFillPipeline, tr, out / "policy", recipe.models.policy, trainer.policy.lora,
-                        policy_settings(recipe), dtype=trainer.dtype)
-        with trainer.policy.swapped_in_ema():
+                        policy_settings(recipe), dtype=trainer.dtype, state=full if dist else None)
+        with trainer.policy.swapped_in_ema() if dist is None else contextlib.nullcontext():
             save_policy_dir(FluxFillPipeline, tr, out / "ema", recipe.models.policy, trainer.policy.lora,
-                            policy_settings(recipe), dtype=trainer.dtype)
+                            policy_settings(recipe), dtype=trainer.dtype, state=full_ema if dist else None)
         png = plot_reward_curves(log_path, out / "reward_curves.png") if log_path.exists() else None
         if tb is not None:
             tb.close()
         man.count(steps=cfg.steps, conditions=len(conds), nonfinite=counters["nonfinite"],
                   reference_cache=len(trainer.ref_cache))
         man.set(mode="dynamic (Alg. 2)" if dynamic else "static (Alg. 1)", world_size=acc.num_processes,
+                sharding="FSDP2 (fully_shard per block)" if dist else "none",
                 timings_breakdown_s={k: round(v, 3) for k, v in trainer.timers.items()})
         man.write()
         console.print(f"rl: policy -> {out / 'policy'}, EMA -> {out / 'ema'}"

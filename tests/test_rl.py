@@ -486,14 +486,16 @@ def test_conditions_keep_their_aspect_ratio_and_batches_bucket_by_shape(zoo, tmp
     assert 0.0 <= rl.heldout_oracle(tr, conds) <= 1.0
 
 
-@pytest.mark.parametrize("lora, world, says", [("true", "2", "LoRA runs under DDP"), ("false", "1", "this launch has one"),
-                                            ("false", "2", "does not shard the policy")])
-def test_fsdp_launch_is_a_one_line_error(conditions, zoo, tmp_path, monkeypatch, capsys, lora, world, says):
-    """What `accelerate launch --config_file recipes/accelerate/fsdp.yaml` sets in the environment: rl would
-    otherwise ignore it (it never calls prepare) and run unsharded."""
+@pytest.mark.parametrize("kind, lora, world, says", [("FSDP", "true", "2", "LoRA runs under DDP"),
+                                                  ("FSDP", "false", "1", "this launch has one"),
+                                                  ("DEEPSPEED", "false", "2", "does not run under DeepSpeed")])
+def test_unsupported_sharded_launch_is_a_one_line_error(conditions, zoo, tmp_path, monkeypatch, capsys, kind, lora,
+                                                        world, says):
+    """What `accelerate launch --config_file recipes/accelerate/{fsdp-rl,deepspeed_*}.yaml` sets in the
+    environment, where rl cannot honour it (full fine-tuning under FSDP on 2+ processes runs: test_fsdp.py)."""
     from onereward_cli.cli import main
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv(f"ACCELERATE_USE_{kind}", "true")
     monkeypatch.setenv("WORLD_SIZE", world)  # read only by the check, which runs before Accelerator()
     out = tmp_path / "o"
     with pytest.raises(SystemExit) as e:
@@ -507,7 +509,7 @@ def test_fsdp_launch_is_a_one_line_error(conditions, zoo, tmp_path, monkeypatch,
 def test_fsdp_config_on_one_process_fails_fast_through_accelerate_launch(conditions, zoo, tmp_path):
     out = tmp_path / "fsdp"
     acc = Path(sys.executable).parent / "accelerate"
-    cfg = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp.yaml"
+    cfg = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "fsdp-rl.yaml"
     cmd = [str(acc), "launch", "--config_file", str(cfg), "--num_processes", "1", "-m", "onereward_cli.cli", "rl",
            str(conditions), "--out", str(out)] + sum([["--set", s] for s in SET + ["rl.lora=false"]], [])
     p = subprocess.run(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=300)

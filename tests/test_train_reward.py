@@ -200,11 +200,12 @@ def test_accelerate_configs_and_7b_recipe_are_valid():
     from accelerate.commands.config.config_args import load_config_from_file
 
     kinds = {}
-    for name in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"):
+    for name in ("ddp", "fsdp", "fsdp-rl", "deepspeed_zero2", "deepspeed_zero3"):
         cfg = load_config_from_file(str(ROOT / "recipes" / "accelerate" / f"{name}.yaml"))
         kinds[name] = cfg.distributed_type.value
-    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "fsdp-rl": "FSDP", "deepspeed_zero2": "DEEPSPEED",
                      "deepspeed_zero3": "DEEPSPEED"}
+    assert load_config_from_file(str(ROOT / "recipes" / "accelerate" / "fsdp-rl.yaml")).fsdp_config["fsdp_version"] == 2
     r = load_recipe(str(ROOT / "recipes" / "reward-qwen2.5-vl-7b.yaml"))
     assert (r.models.reward, r.reward.lr, r.reward.query_mode) == ("Qwen/Qwen2.5-VL-7B-Instruct", 1e-6, "full")
 
