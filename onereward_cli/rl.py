@@ -627,7 +627,7 @@ class Trainer:
         misses = list(dict.fromkeys(i for i in idx if i not in self.ref_cache))
         rollouts = len(misses)
         if self.sharder is not None:  # FSDP: every rank rolls out as often as the one with most misses
-            n = torch.tensor([rollouts], dtype=torch.int64)
+            n = torch.tensor([rollouts], dtype=torch.int64, device=self.device)  # NCCL reduces device tensors
             torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX)
             rollouts = int(n.item())
         for k in range(rollouts):

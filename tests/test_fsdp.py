@@ -92,22 +92,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(cond, out, dynamic, *extra):
+def _launch(cond, out, dynamic, *extra, sets=()):
     acc = Path(sys.executable).parent / "accelerate"
     cmd = [str(acc), "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp-rl.yaml"),
            "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "onereward_cli.cli", "rl",
            str(cond), "--out", str(out)] + (["--dynamic"] if dynamic else []) + list(extra)
-    cmd += sum([["--set", s] for s in SET], [])
+    cmd += sum([["--set", s] for s in SET + list(sets)], [])
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     return p
 
 
-def _one_process(cond, dynamic, steps):
+def _one_process(cond, dynamic, steps, sets=()):
     """What 2-rank data parallelism computes, in one process: per step, rank 0's and rank 1's batches
     (one shape and t, as under FSDP), the gradients of their mean loss, one AdamW step."""
-    r = _recipe()
+    r = _recipe(*sets)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each launched rank (OMP_NUM_THREADS=1): another blocking rounds otherwise
     try:
@@ -134,22 +134,24 @@ def _folder_weights(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_fsdp_two_processes_match_one_process(two_shapes, zoo, tmp_path, dynamic):
-    """FSDP2 over 2 gloo processes == one process averaging both ranks' gradients (static: the sharded
-    frozen reference and its aligned reference cache; dynamic: the sharded EMA as the reference). The
-    outputs are plain diffusers transformer folders. Guards the gradient averaging (turn FSDP's gradient
-    sync off, or let the ranks draw different t, and this fails) and the sharded EMA/reference."""
+@pytest.mark.parametrize("dynamic, sets", [(False, ["rl.gradient_checkpointing=true"]), (True, [])],
+                         ids=["static-checkpointed", "dynamic"])
+def test_fsdp_two_processes_match_one_process(two_shapes, zoo, tmp_path, dynamic, sets):
+    """FSDP2 over 2 gloo processes == one process averaging both ranks' gradients (static, with gradient
+    checkpointing as the paper recipes: the sharded frozen reference and its lock-step reference cache;
+    dynamic: the sharded EMA as the reference). The outputs are plain diffusers transformer folders.
+    Guards the gradient averaging (with FSDP's gradient sync turned off this fails) and the sharded
+    EMA/reference."""
     from diffusers import FluxTransformer2DModel
 
     out = tmp_path / "fsdp"
-    _launch(two_shapes, out, dynamic)
+    _launch(two_shapes, out, dynamic, sets=sets)
     run = json.loads((out / "run.json").read_text())
     assert run["world_size"] == 2 and run["sharding"].startswith("FSDP2")
     ck = out / "checkpoints" / "step-000004"
     assert sorted(p.name for p in ck.glob("policy*.safetensors")) == ["policy.rank00.safetensors",
                                                                      "policy.rank01.safetensors"]
-    ref = _one_process(two_shapes, dynamic, steps=4)
+    ref = _one_process(two_shapes, dynamic, steps=4, sets=sets)
     base = _folder_weights(zoo / "flux-fill" / "transformer")
     for folder, want in (("policy", {n: p.detach() for n, p in ref.policy.trainable.items()}),
                          ("ema", ref.policy.ema)):
@@ -168,16 +170,19 @@ def test_fsdp_two_processes_match_one_process(two_shapes, zoo, tmp_path, dynamic
 
 @pytest.mark.slow
 def test_fsdp_checkpoint_resumes_exactly(two_shapes, zoo, tmp_path):
-    """Dynamic full fine-tuning under FSDP, killed after step 2 (simulated: the step-2 checkpoint is all
-    that is left), resumed with --resume: the same bytes as the uninterrupted run."""
+    """Dynamic full fine-tuning under FSDP with bf16 all-gathers over fp32 masters (rl.mixed_precision
+    bf16), killed after step 2 (simulated: the step-2 checkpoint is all that is left), resumed with
+    --resume: the same bytes as the uninterrupted run. Guards the sharded optimizer state (not loading it
+    on resume fails this) and the EMA/weight shards."""
+    bf16 = ["rl.mixed_precision=bf16"]
     full = tmp_path / "full"
-    _launch(two_shapes, full, True)
+    _launch(two_shapes, full, True, sets=bf16)
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
     for p in ("policy", "ema", "checkpoints/step-000004", "run.json"):
         shutil.rmtree(cut / p, ignore_errors=True) if (cut / p).is_dir() else (cut / p).unlink()
     (cut / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "path": "step-000002"}))
-    p = _launch(two_shapes, cut, True, "--resume")
+    p = _launch(two_shapes, cut, True, "--resume", sets=bf16)
     assert "resumed at step 2" in p.stderr
     for folder in ("policy", "ema"):
         a, b = _folder_weights(full / folder), _folder_weights(cut / folder)
@@ -190,4 +195,4 @@ def test_fsdp_checkpoint_resumes_exactly(two_shapes, zoo, tmp_path):
     from onereward_cli.errors import InputError
 
     with pytest.raises(InputError, match="processes|fsdp"):
-        rl.run(_recipe("rl.steps=6"), two_shapes, cut, dynamic=True, resume=True)
+        rl.run(_recipe("rl.steps=6", *bf16), two_shapes, cut, dynamic=True, resume=True)
