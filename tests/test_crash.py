@@ -297,7 +297,7 @@ def _save_rl(out: Path, step: int):
 
     w = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.AdamW([w])
-    pol = SimpleNamespace(state_tensors=lambda: {"w": w.detach()}, ema={"w": w.detach().clone()},
+    pol = SimpleNamespace(state_tensors=lambda: {"w": w.detach()}, ema_tensors=lambda: {"w": w.detach().clone()},
                           cfg=SimpleNamespace(lr_warmup=0, lr_schedule="constant", steps=step))
     rl.save_checkpoint(out, step, pol, opt, checkpointing.make_scheduler(opt, 0), {}, {})
     return out / "checkpoints"
