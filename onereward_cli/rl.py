@@ -856,9 +856,11 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
     if resume:
         start, counters = load_checkpoint(out, trainer.policy, trainer.opt, trainer.sched, dist=dist)
         console.print(f"rl: resumed at step {start}")
-        _truncate_log(log_path, start)
-    elif log_path.exists():
-        log_path.unlink()
+        if acc.is_main_process:  # the log is rank 0's file
+            _truncate_log(log_path, start)
+    elif acc.is_main_process:
+        log_path.unlink(missing_ok=True)
+    acc.wait_for_everyone()
     tb = _tensorboard(out / "tensorboard") if acc.is_main_process else None
     with Progress(TextColumn("[bold]rl{}".format(" (dynamic)" if dynamic else "")), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
