@@ -35,7 +35,7 @@ from .checkpointing import (check_fingerprint, file_sha256, make_scheduler, name
                             optimizer_to_files)
 from .errors import InputError, TrainingAborted
 from .recipe import resolve_device, torch_dtype
-from .sharding import is_dtensor, like, local
+from .sharding import Sharder, from_launch, gathered, is_dtensor, like, local, save_transformer_folder
 from .tasks import TASK_KEYS, check_mask, fit_size, task_prompt
 from .text_cache import TextCache, cache_root
 
@@ -209,7 +209,6 @@ class Policy:
             for p in transformer.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-        self.sharded = shard is not None
         # Under FSDP these are DTensors (this rank's shard); the EMA clones them and is sharded alike.
         self.trainable = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
         self.ema = {n: p.detach().clone().float() for n, p in self.trainable.items()}
@@ -305,8 +304,6 @@ def save_policy_dir(pipe_cls, transformer, out_dir: Path, base: str, lora: bool,
                                    transformer_lora_adapter_metadata=lora_metadata(transformer),
                                    safe_serialization=True)
     elif state is not None:
-        from .sharding import save_transformer_folder
-
         save_transformer_folder(transformer, state, tmp)
     else:
         with stored_in(transformer, dtype) if dtype is not None else contextlib.nullcontext():
@@ -523,8 +520,6 @@ class Trainer:
         # FSDP: the transformer is loaded on the CPU and each block moves to the device as it is sharded.
         self.sharder = None
         if shard_spec is not None:
-            from .sharding import Sharder
-
             self.sharder = Sharder(shard_spec, self.device, param_dtype=self.compute_dtype)
         self.pipe = load_fill_pipeline(recipe.models.policy, device="cpu" if self.sharder else self.device,
                                        dtype=self.dtype)
@@ -786,8 +781,6 @@ def check_launch(cfg):
     one process would shard nothing. Read from the launcher's environment (what `accelerate launch`
     exports from the config file) because Accelerator() itself dies with a traceback on an FSDP config
     without a GPU."""
-    from .sharding import from_launch
-
     env = os.environ
     spec = from_launch(env)
     zero = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
@@ -904,13 +897,11 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
                 save_checkpoint(out, step + 1, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint, dist)
             acc.wait_for_everyone()
     if dist is not None:  # FSDP: shards on every rank; policy/ and ema/ gathered (a collective) for rank 0
-        from .sharding import gathered
-
         save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint, dist)
         tr = trainer.policy.transformer
-        full = gathered(tr.state_dict(), trainer.dtype)
+        full = gathered(tr.state_dict(), trainer.dtype, keep=acc.is_main_process)
         with trainer.policy.swapped_in_ema():
-            full_ema = gathered(tr.state_dict(), trainer.dtype)
+            full_ema = gathered(tr.state_dict(), trainer.dtype, keep=acc.is_main_process)
     if acc.is_main_process:
         if dist is None:
             save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint)

@@ -105,12 +105,14 @@ class Sharder:
         return module
 
 
-def gathered(tensors: dict[str, torch.Tensor], dtype=None) -> dict[str, torch.Tensor]:
-    """Full tensors on the CPU (a collective: every rank calls it; every rank gets them)."""
+def gathered(tensors: dict[str, torch.Tensor], dtype=None, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Full tensors on the CPU. A collective: every rank calls it, and only ranks with `keep` hold the
+    result (the others drop each full tensor as soon as it is gathered: a 12B state is 24 GB in bf16)."""
     out = {}
     for n, t in tensors.items():
         full = t.full_tensor() if is_dtensor(t) else t
-        out[n] = full.detach().to("cpu", dtype or full.dtype)
+        if keep:
+            out[n] = full.detach().to("cpu", dtype or full.dtype)
     return out
 
 
