@@ -12,7 +12,8 @@ which `zoo:NAME` resolves to.
     vae.py    AutoencoderKL: reconstruction + KL; latent shift/scale from its statistics
     flux.py   FluxTransformer2DModel (+ CLIP/T5 text encoders): rectified flow on fill / extend /
               removal triplets, the condition exactly as FluxFillPipeline builds it; guidance distilled
-    vlm.py    Qwen2.5-VL: visual question answering through its LM head and chat template
+    vlm.py    Qwen2.5-VL: a vision warm-up (a max-pooled shape head), then visual question answering
+              through its LM head and chat template
     clip.py   open_clip: image-caption contrastive loss
 
 Every stage is seeded per step and checkpoints (WORK/<stage>/checkpoints); a re-run resumes where
@@ -42,6 +43,8 @@ class Budget:
     flux_lr: float = 1e-3
     flux_batch: int = 16
     flux_ema: float = 0.995
+    vit_steps: int = 1000  # the VLM's vision warm-up (vlm.vit_warmup), before the question answering
+    vit_lr: float = 3e-3
     vlm_steps: int = 1600
     vlm_lr: float = 1e-3
     vlm_batch: int = 32
@@ -56,7 +59,7 @@ class Budget:
         from dataclasses import replace
 
         b = replace(self, **{k: max(2, int(round(getattr(self, k) * s)))
-                             for k in ("vae_steps", "flux_steps", "vlm_steps", "clip_steps")})
+                             for k in ("vae_steps", "flux_steps", "vit_steps", "vlm_steps", "clip_steps")})
         if s < 0.05:
             b = replace(b, vae_batch=4, flux_batch=4, vlm_batch=4, clip_batch=8, eval_n=2, evaluations=2)
         return b
@@ -143,7 +146,8 @@ def run(out, work=None, *, seed: int = 0, scale: float = 1.0, only=STAGES, conso
         model = AutoModelForImageTextToText.from_pretrained(base / "qwen2.5-vl")
         processor = AutoProcessor.from_pretrained(base / "qwen2.5-vl")
         res = vlm_stage.run(model, processor, d, cfg, _loop(budget.vlm_steps, budget.vlm_lr, budget), seed=seed,
-                            batch=budget.vlm_batch, console=console, eval_per_kind=budget.eval_n)
+                            batch=budget.vlm_batch, console=console, eval_per_kind=budget.eval_n,
+                            vit_loop=_loop(budget.vit_steps, budget.vit_lr, budget))
         model.save_pretrained(d / "model")
         return res
 
