@@ -66,7 +66,7 @@ def _stage(name, base: Path, work: Path, lr: float, steps: int) -> list[dict]:
         m = AutoModelForImageTextToText.from_pretrained(base / "qwen2.5-vl")
         vlm.run(m, AutoProcessor.from_pretrained(base / "qwen2.5-vl"), work, cfg, loop, seed=0, batch=4,
                 eval_per_kind=1)
-    elif name == "vit":  # the VLM's vision warm-up (probe heads on the ViT), before its question answering
+    elif name == "vit":  # the VLM's vision warm-up (a probe head on the ViT), before its question answering
         m = AutoModelForImageTextToText.from_pretrained(base / "qwen2.5-vl")
         vlm.vit_warmup(m, AutoProcessor.from_pretrained(base / "qwen2.5-vl"), work, cfg, loop, seed=0, batch=4,
                        eval_n=2)
@@ -145,7 +145,7 @@ def test_trained_generator_beats_the_random_zoo_on_every_task(zoo, zoo_random):
 
 
 def test_vit_warmup_trains_the_vision_tower_only(zoo_random, tmp_path):
-    """Guards the VLM's vision warm-up: it moves the ViT (not just its throwaway probe heads) and leaves
+    """Guards the VLM's vision warm-up: it moves the ViT (not just its throwaway probe head) and leaves
     the language model and its LM head exactly as they were (question answering trains them later)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 

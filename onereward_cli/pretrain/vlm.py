@@ -90,14 +90,21 @@ def _absent(rng: random.Random, objs) -> tuple[str, str]:
             return c, s
 
 
+def single_object_spec(rng: random.Random, cfg: world.WorldConfig) -> dict:
+    """A one-object scene; with probability LARGE_OBJECT_SHARE the object is enlarged (a shape is learnt
+    faster big)."""
+    spec = synth.scene_spec(rng, cfg.size, 1)
+    if rng.random() < LARGE_OBJECT_SHARE:
+        s = rng.randint(cfg.size // 3, cfg.size * 7 // 8)
+        x0, y0 = rng.randint(0, cfg.size - s), rng.randint(0, cfg.size - s)
+        spec["objects"][0]["box"] = [x0, y0, x0 + s, y0 + s]
+    return spec
+
+
 def make_example(kind: str, rng: random.Random, cfg: world.WorldConfig):
     """(images, question, answer) of one kind, or None when the scene cannot ask it (retry)."""
     if kind in ("object_colour", "object_shape"):  # one object: what it is, before which one is which
-        spec = synth.scene_spec(rng, cfg.size, 1)
-        if rng.random() < LARGE_OBJECT_SHARE:  # large objects too: a shape is learnt faster big
-            s = rng.randint(cfg.size // 3, cfg.size * 7 // 8)
-            x0, y0 = rng.randint(0, cfg.size - s), rng.randint(0, cfg.size - s)
-            spec["objects"][0]["box"] = [x0, y0, x0 + s, y0 + s]
+        spec = single_object_spec(rng, cfg)
         o = spec["objects"][0]
         if kind == "object_colour":
             return [synth.render_scene(spec)], "What colour is the object?", o["color"]
@@ -318,15 +325,8 @@ class ViTProbe(torch.nn.Module):
 
 def vit_examples(rng: random.Random, cfg: world.WorldConfig, n: int) -> list[tuple[Image.Image, int]]:
     """(image, shape index) of single-object scenes, drawn as the object_shape questions draw them."""
-    out = []
-    for _ in range(n):
-        spec = synth.scene_spec(rng, cfg.size, 1)
-        if rng.random() < LARGE_OBJECT_SHARE:
-            s = rng.randint(cfg.size // 3, cfg.size * 7 // 8)
-            x0, y0 = rng.randint(0, cfg.size - s), rng.randint(0, cfg.size - s)
-            spec["objects"][0]["box"] = [x0, y0, x0 + s, y0 + s]
-        out.append((synth.render_scene(spec), synth.SHAPES.index(spec["objects"][0]["shape"])))
-    return out
+    specs = [single_object_spec(rng, cfg) for _ in range(n)]
+    return [(synth.render_scene(sp), synth.SHAPES.index(sp["objects"][0]["shape"])) for sp in specs]
 
 
 def vit_logits(model, probe: ViTProbe, processor, images) -> torch.Tensor:
