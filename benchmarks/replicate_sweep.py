@@ -4,11 +4,13 @@
         [--reward reward.lr=3e-4 --reward reward.lr=1e-3 ...] [--rl rl.lr=1e-12 --rl rl.lr=1e-3 ...] [--set k=v ...]
 
 SEED_DIR is one seed of `onereward demo --replicate` whose data phases are done (data/pairs,
-data/rl_conditions.jsonl, benchmark/). Each `--reward` setting trains a full-query reward model on that
-seed's pairs and reports held-out accuracy (mean over Table 1 cells, as the replication does); each `--rl`
-setting runs static RL (Alg. 1) with the best reward model and reports the mean reward of the first and
-last steps and the held-out oracle score. Include `rl.lr=1e-12` as the control: a setting is only an
-improvement where it beats the control, not a running mean. Writes DIR/sweep.{json,md}.
+data/rl_conditions.jsonl, benchmark/, validation/). Each `--reward` setting trains a full-query reward model
+on that seed's pairs and reports held-out accuracy (mean over Table 1 cells, as the replication does); each
+`--rl` setting runs static RL (Alg. 1) with the best reward model, logging the held-out oracle on the seed's
+validation set (what rl.keep_best selects on), and reports the mean reward of the first and last steps,
+the validation curve, the step policy/ holds and, with --benchmark, that policy's oracle score on the seed's
+benchmark against the base model's (the number Table 2 reports). Include `rl.lr=1e-12` as the control: a
+setting is only an improvement where it beats the control, not a running mean. Writes DIR/sweep.{json,md}.
 """
 from __future__ import annotations
 
@@ -39,7 +41,10 @@ def main(argv=None) -> int:
     p.add_argument("--reward", action="append", default=[], help="one reward setting, comma-separated k=v")
     p.add_argument("--rl", action="append", default=[], help="one rl setting, comma-separated k=v")
     p.add_argument("--reward-model", default=None, help="use this reward model for the rl sweep")
+    p.add_argument("--benchmark", action="store_true", help="score each rl policy/ on the seed's benchmark")
     a = p.parse_args(argv)
+    val = a.seed_dir / "validation" / "validation.jsonl"
+    heldout = val if val.exists() else a.seed_dir / "benchmark" / "benchmark.jsonl"
     seed = json.loads((a.seed_dir / "seed.json").read_text())["seed"] if (a.seed_dir / "seed.json").exists() \
         else int(a.seed_dir.name.rsplit("-", 1)[-1])
     base = [f"seed={seed}", *a.sets]
@@ -65,26 +70,58 @@ def main(argv=None) -> int:
         out = a.out / f"rl-{k}"
         if not (out / "policy").exists():
             rl.run(r, a.seed_dir / "data" / "rl_conditions.jsonl", out, reward_model=best,
-                   heldout=a.seed_dir / "benchmark" / "benchmark.jsonl", resume=(out / "checkpoints").exists())
+                   heldout=heldout, resume=(out / "checkpoints").exists())
         log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
         w = max(1, len(log) // 5)
         held = [x["heldout_oracle"] for x in log if "heldout_oracle" in x]
-        res["rl"].append({"setting": setting, "reward_first": float(np.mean([x["mean_reward"] for x in log[:w]])),
-                          "reward_last": float(np.mean([x["mean_reward"] for x in log[-w:]])),
-                          "heldout_first": held[0] if held else None, "heldout_last": held[-1] if held else None,
-                          "heldout_max": max(held) if held else None})
+        sel = json.loads((out / "run.json").read_text()).get("selected")
+        row = {"setting": setting, "reward_first": float(np.mean([x["mean_reward"] for x in log[:w]])),
+               "reward_last": float(np.mean([x["mean_reward"] for x in log[-w:]])),
+               "heldout_first": held[0] if held else None, "heldout_last": held[-1] if held else None,
+               "heldout_max": max(held) if held else None, "selected": sel}
+        if a.benchmark:
+            row["benchmark"] = benchmark_scores(r, out, a.seed_dir)
+        res["rl"].append(row)
     (a.out / "sweep.json").write_text(json.dumps(res, indent=2) + "\n")
     md = ["| reward setting | held-out sym. acc. | acc. | pairs |", "|---|---|---|---|"]
     md += [f"| `{x['setting']}` | {100 * x['symmetric_accuracy']:.1f} | {100 * x['accuracy']:.1f} | {x['n']} |"
            for x in res["reward"]]
-    md += ["", "| rl setting | reward first → last | held-out oracle first → last (max) |", "|---|---|---|"]
-    md += [f"| `{x['setting']}` | {x['reward_first']:.3f} → {x['reward_last']:.3f} | "
-           f"{x['heldout_first']:.4f} → {x['heldout_last']:.4f} ({x['heldout_max']:.4f}) |"
-           if x["heldout_first"] is not None else f"| `{x['setting']}` | {x['reward_first']:.3f} → {x['reward_last']:.3f} | – |"
-           for x in res["rl"]]
+    md += ["", "| rl setting | reward first → last | validation oracle first → last (max) | policy/ step | "
+           "benchmark oracle, policy/ − base |", "|---|---|---|---|---|"]
+    for x in res["rl"]:
+        heldc = (f"{x['heldout_first']:.4f} → {x['heldout_last']:.4f} ({x['heldout_max']:.4f})"
+                 if x["heldout_first"] is not None else "–")
+        step = str(x["selected"]["step"]) if x.get("selected") else "last"
+        b = x.get("benchmark")
+        bench = (f"{b['policy'] - b['base']:+.4f} (" + ", ".join(f"{t} {v:+.3f}" for t, v in b["per_task"].items())
+                 + ")") if b else "–"
+        md.append(f"| `{x['setting']}` | {x['reward_first']:.3f} → {x['reward_last']:.3f} | {heldc} | {step} | {bench} |")
     (a.out / "sweep.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
+
+
+def benchmark_scores(r, rl_out: Path, seed_dir: Path) -> dict:
+    """Mean oracle score on the seed's benchmark of rl_out/policy and of the base model (eval's own path;
+    per task: the mean over the task's samples of their mean over dimensions, as Table 2)."""
+    import dataclasses
+
+    from onereward_cli import evaluate
+
+    r = dataclasses.replace(r, eval=dataclasses.replace(r.eval, gsb=False))  # the oracle alone
+    ev = rl_out / "eval"
+    if not (ev / "metrics.json").exists():
+        evaluate.run(r, policy=str(rl_out / "policy"), benchmark=seed_dir / "benchmark" / "benchmark.jsonl", out=ev,
+                     compare=[r.models.policy], reward_model=None, human=None)
+    m = json.loads((ev / "metrics.json").read_text())
+    pol, base = [p["label"] for p in m["policies"]]
+    by: dict = {}
+    for rec in m["per_sample"]:
+        if "oracle" in rec["values"]:
+            by.setdefault(rec["policy"], {}).setdefault(rec["task"], []).append(rec["values"]["oracle"])
+    means = {k: {t: float(np.mean(v)) for t, v in per.items()} for k, per in by.items()}
+    return {"policy": float(np.mean(list(means[pol].values()))), "base": float(np.mean(list(means[base].values()))),
+            "per_task": {t: means[pol][t] - means[base][t] for t in means[pol]}}
 
 
 if __name__ == "__main__":

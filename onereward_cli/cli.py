@@ -219,18 +219,22 @@ def rl(
     reward_model: str = typer.Option(None, "--reward-model", help="Reward model path or hub id (default: recipe models.reward)."),
     dynamic: bool = typer.Option(False, "--dynamic", help="Alg. 2: the EMA model is the reference."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the last checkpoint in OUT."),
+    validation: Path = typer.Option(None, "--validation", help="Held-out triplets (JSONL) whose oracle score is logged "
+                                                               "every rl.eval_every steps and that rl.keep_best selects "
+                                                               "on (default: the training conditions)."),
     recipe: str = RecipeOpt,
     set_: Optional[List[str]] = SetOpt,
 ):
     """Multi-task reward feedback learning (Alg. 1; --dynamic for Alg. 2).
 
     Example: onereward rl ./cands --reward-model ./reward/final --out ./rl-static
+             onereward rl ./cands --validation ./val.jsonl --set rl.eval_every=10 --set rl.keep_best=true --out ./rl
     """
     r = _recipe(recipe, set_)
     _out(out)
     from . import rl as stage
 
-    stage.run(r, data, out, reward_model=reward_model, dynamic=dynamic, resume=resume)
+    stage.run(r, data, out, reward_model=reward_model, dynamic=dynamic, resume=resume, heldout=validation)
 
 
 @app.command("eval")

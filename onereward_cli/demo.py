@@ -112,10 +112,20 @@ def run(recipe, out, replicate: bool = False):
     reward_model = str(out / "reward" / "final")
     conds = write_conditions(out / "candidates", train_ids, out / "data" / "rl_conditions.jsonl")
     bench = write_benchmark(out / "candidates", test_ids, out / "data" / "benchmark.jsonl")
+    heldout = bench
+    if recipe.rl.keep_best:  # select on other scenes than the benchmark eval reports: world triplets
+        import math
+
+        from .pretrain import world
+
+        tasks = [k for k, v in recipe.tasks.items() if v.probability > 0]
+        per = {k: math.ceil(recipe.rl.heldout_n / len(tasks)) for k in tasks}
+        heldout = world.write_benchmark(out / "data" / "validation", per, world.WorldConfig.from_recipe(recipe),
+                                        seed=recipe.seed, namespace="validation")
     with _stage("rl (static, Alg. 1)", t):
-        rl.run(recipe, conds, out / "rl-static", reward_model=reward_model, dynamic=False, heldout=bench)
+        rl.run(recipe, conds, out / "rl-static", reward_model=reward_model, dynamic=False, heldout=heldout)
     with _stage("rl --dynamic (Alg. 2)", t):
-        rl.run(recipe, conds, out / "rl-dynamic", reward_model=reward_model, dynamic=True, heldout=bench)
+        rl.run(recipe, conds, out / "rl-dynamic", reward_model=reward_model, dynamic=True, heldout=heldout)
     with _stage("eval", t):
         evaluate.run(recipe, policy=str(out / "rl-static" / "policy"), benchmark=bench, out=out / "eval",
                      compare=[recipe.models.policy, str(out / "rl-dynamic" / "policy")],
@@ -160,6 +170,12 @@ def summarise(out: Path, timings: dict):
                 last = sum(r["mean_reward"] for r in recs[-k:]) / k
                 console.print(f"{name}: mean reward first {k} steps {first:.3f} -> last {k} steps {last:.3f}; "
                               f"curves: {out / name / 'reward_curves.png'}")
+                man = out / name / "run.json"
+                sel = json.loads(man.read_text()).get("selected") if man.exists() else None
+                if sel:
+                    console.print(f"{name}: policy/ is step {sel['step']} of {recs[-1]['step']} "
+                                  f"({'the base model: no step beat it' if sel['step'] == 0 else 'the best'} on the "
+                                  f"validation oracle, {sel['start_heldout_oracle']:.4f} -> {sel['heldout_oracle']:.4f})")
     metrics = out / "eval" / "metrics.json"
     if metrics.exists():
         line = _oracle_line(json.loads(metrics.read_text()))

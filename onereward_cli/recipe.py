@@ -210,6 +210,10 @@ class RLConfig:
     eval_every: int = 0
     # Held-out conditions rolled out (fixed seeds) for the logged oracle score at each eval_every.
     heldout_n: int = 8
+    # Early stopping: policy/ holds the weights with the best held-out oracle score among the start
+    # (step 0, the base model) and every eval_every step; the last weights go to last/. Select on a
+    # validation set (`rl --validation`), not on the benchmark you report.
+    keep_best: bool = False
     log_every: int = 1
 
 
@@ -283,6 +287,9 @@ class ReplicateConfig:
     seeds: int = 3
     # Held-out benchmark of world triplets (with ground truth) per task, for Table 2 / Fig. 7.
     benchmark_per_task: int = 40
+    # Validation triplets per task (other scenes than the benchmark's): RL's held-out oracle is logged on
+    # these, and rl.keep_best selects on them, so the reported benchmark stays unseen. 0 = use the benchmark.
+    validation_per_task: int = 0
 
 
 def _default_tasks() -> dict[str, TaskConfig]:
@@ -565,6 +572,7 @@ def validate(r: Recipe) -> Recipe:
     _check(q.lr_warmup >= 0, "rl.lr_warmup", "must be >= 0 (steps)")
     _check(q.lr_schedule in LR_SCHEDULES, "rl.lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
     _check(q.heldout_n >= 1, "rl.heldout_n", "must be >= 1")
+    _check(not q.keep_best or q.eval_every > 0, "rl.keep_best", "needs rl.eval_every > 0 (the held-out score it selects on)")
     _check(q.save_every >= 0, "rl.save_every", "must be >= 0 (0 = only at the end)")
     _check(q.eval_every >= 0, "rl.eval_every", "must be >= 0 (0 = never)")
     _check(q.log_every >= 1, "rl.log_every", "must be >= 1")
@@ -594,6 +602,7 @@ def validate(r: Recipe) -> Recipe:
     _check(r.text_cache.batch_size > 0, "text_cache.batch_size", "must be positive")
     _check(r.replicate.seeds >= 1, "replicate.seeds", "must be >= 1")
     _check(r.replicate.benchmark_per_task >= 1, "replicate.benchmark_per_task", "must be >= 1")
+    _check(r.replicate.validation_per_task >= 0, "replicate.validation_per_task", "must be >= 0 (0 = none)")
     return r
 
 

@@ -4,8 +4,9 @@ playing the human annotators.
 
 Per seed, with every stage the CLI runs (same code):
   synth -> curate -> generate -> annotate --oracle -> export-pairs
-  train-reward x 4 query modes (Tables 1 and 4: none, task, full, fixed; the untuned model is the
-      full run's baseline evaluation)
+  train-reward x 3 query modes (Table 1: none, task, full; the untuned model is the full run's
+      baseline evaluation); Table 4's fixed query is the full model asked every test pair as object
+      removal / removal quality, as the paper's ablation does (no model is trained on it)
   rl static (Alg. 1) and rl --dynamic (Alg. 2) with the full-query reward model (Fig. 4: reward curves,
       held-out oracle beside them)
   eval base vs static vs dynamic on a held-out benchmark of world triplets whose ground truth is known
@@ -30,11 +31,12 @@ from .artifacts import read_jsonl, write_json, write_text
 
 console = Console(stderr=True)
 
-MODES = ("none", "task", "full", "fixed")
+MODES = ("none", "task", "full")  # trained; "fixed" is the full model asked another query
 ROWS = ("untuned", "none", "task", "full", "fixed")
 ROW_LABELS = {"untuned": "untuned (no preference training)", "none": "Qwen2.5VL* (no task, no dimension)",
               "task": "Qwen2.5VL*+task", "full": "Qwen2.5VL*+task+dimension (OneReward)",
-              "fixed": "fixed query (removal / removal quality)"}
+              "fixed": "fixed query at test (OneReward asked removal / removal quality)"}
+FIXED_QUERY_REPORT = "accuracy_fixed_query"  # in reward-full/
 POLICIES = ("base", "static", "dynamic")
 ORACLE_SAME_MARGIN = 0.02  # the oracle annotator's own "no difference" margin (synth.oracle_pick)
 # Two-sided 95 % Student t quantiles by degrees of freedom.
@@ -102,27 +104,48 @@ def run_seed(recipe, root: Path):
     cfg = world.WorldConfig.from_recipe(r)
     per_task = {t: r.replicate.benchmark_per_task for t in r.tasks if r.tasks[t].probability > 0}
     ph.run("benchmark", lambda: world.write_benchmark(root / "benchmark", per_task, cfg, seed=r.seed))
+    bench = root / "benchmark" / "benchmark.jsonl"
+    heldout = bench  # what RL logs its held-out oracle on (and rl.keep_best selects on)
+    if r.replicate.validation_per_task:
+        val_n = {t: r.replicate.validation_per_task for t in per_task}
+        ph.run("validation", lambda: world.write_benchmark(root / "validation", val_n, cfg, seed=r.seed,
+                                                           namespace="validation"))
+        heldout = root / "validation" / "validation.jsonl"
     for m in MODES:
         r_m = dataclasses.replace(r, reward=dataclasses.replace(r.reward, query_mode=m))
         out = root / f"reward-{m}"
         ph.run(f"train-reward ({m})",
                lambda r_m=r_m, out=out: train_reward.run(r_m, pairs_dir, out, resume=(out / "checkpoints").exists()))
     reward_model = str(root / "reward-full" / "final")
+    ph.run("fixed query (Table 4)", lambda: fixed_query_report(r, reward_model, pairs_dir / "test.jsonl",
+                                                               root / "reward-full"))
     train_ids = {p["sample_id"] for p in read_jsonl(pairs_dir / "train.jsonl")}
     conds = root / "data" / "rl_conditions.jsonl"
     if not conds.exists():
         write_conditions(root / "candidates", train_ids, conds)
-    bench = root / "benchmark" / "benchmark.jsonl"
     for name, dynamic in (("rl-static", False), ("rl-dynamic", True)):
         out = root / name
         ph.run(name, lambda out=out, dynamic=dynamic: rl.run(r, conds, out, reward_model=reward_model, dynamic=dynamic,
-                                                             heldout=bench,
+                                                             heldout=heldout,
                                                              resume=(out / "checkpoints" / "latest.json").exists()))
     ph.run("eval", lambda: evaluate.run(r, policy=str(root / "rl-static" / "policy"), benchmark=bench,
                                         out=root / "eval", compare=[r.models.policy, str(root / "rl-dynamic" / "policy")],
                                         reward_model=reward_model, human=None))
     ph.run("ground truth", lambda: write_json(root / "ground_truth.json", ground_truth_scores(r, bench)))
     return ph.done
+
+
+def fixed_query_report(r, model: str, test: Path, out: Path) -> Path:
+    """Table 4's second row: the trained OneReward model scores every test pair asked as object removal /
+    removal quality. A model that uses its query loses accuracy here; one that ignores it does not."""
+    from .reward import RewardScorer, evaluate_pairs, load_pairs, save_accuracy
+
+    scorer = RewardScorer.load(model, r.reward)
+    scorer.model.eval()
+    report = evaluate_pairs(scorer, load_pairs(test, r.tasks), r.tasks, "fixed", bold=r.reward.bold,
+                            batch_size=r.reward.batch_size)
+    save_accuracy(report, out, name=FIXED_QUERY_REPORT)
+    return out / f"{FIXED_QUERY_REPORT}.json"
 
 
 def ground_truth_scores(r, bench: Path) -> dict:
@@ -152,6 +175,9 @@ def accuracy_cells(root: Path, key: str) -> dict[str, dict[tuple[str, str], floa
         f = root / f"reward-{m}" / "accuracy.json"
         if f.exists():
             rows[m] = {(c["task"], c["dimension"]): c[key] for c in json.loads(f.read_text())["cells"]}
+    f = root / "reward-full" / f"{FIXED_QUERY_REPORT}.json"
+    if f.exists():
+        rows["fixed"] = {(c["task"], c["dimension"]): c[key] for c in json.loads(f.read_text())["cells"]}
     return rows
 
 
@@ -231,7 +257,16 @@ def curves(root: Path, name: str) -> tuple[dict[str, list[tuple[int, float]]], l
                 rew.setdefault(k, []).append((rec["step"], v))
             if "heldout_oracle" in rec:
                 held.append((rec["step"], rec["heldout_oracle"]))
+    sel = selected(root, name)
+    if sel and held:  # rl.keep_best scored the starting model too: the curve starts at step 0
+        held.insert(0, (0, sel["start_heldout_oracle"]))
     return rew, held
+
+
+def selected(root: Path, name: str) -> dict | None:
+    """rl.keep_best's choice of one rl run ({step, heldout_oracle, start_heldout_oracle}), if it made one."""
+    f = root / name / "run.json"
+    return json.loads(f.read_text()).get("selected") if f.exists() else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,6 +310,8 @@ def aggregate(seed_dirs: list[Path]) -> dict:
             gsb[f"{pol} vs base ({judge})"] = {t: {k: mean_ci([g.get(t, {}).get(k) for g in per_seed])
                                                    for k in ("good", "same", "bad")} for t in keys}
     res["gsb"] = gsb
+    res["selected"] = {d.name: {m: selected(d, f"rl-{m}") for m in ("static", "dynamic") if selected(d, f"rl-{m}")}
+                       for d in seed_dirs}
     phases: dict[str, list[float]] = {}
     for d in seed_dirs:
         f = d / "phases.json"
@@ -393,7 +430,15 @@ def report(res: dict, out: Path, recipe=None) -> Path:
     console.print(_rich("Table 2 (miniature): held-out oracle score per task", header, rows))
     md += ["## Table 2: held-out oracle score per task (mean over the task's dimensions)", "",
            _md_table(header, rows), "", "## Fig. 4: reward curves and held-out oracle", "",
-           "![curves](reward_curves.png)", "", "## Fig. 7: Good / Same / Bad against base", ""]
+           "![curves](reward_curves.png)", ""]
+    sel = [[seed, m, str(v["step"]), f"{v['start_heldout_oracle']:.4f}", f"{v['heldout_oracle']:.4f}"]
+           for seed, per in res.get("selected", {}).items() for m, v in per.items()]
+    if sel:
+        header = ["seed", "rl", "selected step", "held-out oracle at step 0", "at the selected step"]
+        console.print(_rich("rl.keep_best: the step each policy/ holds (0 = the base model)", header, sel))
+        md += ["rl.keep_best: the step each run's policy/ holds (0 = the base model), chosen on the held-out "
+               "oracle of the validation set (not the benchmark above):", "", _md_table(header, sel), ""]
+    md += ["## Fig. 7: Good / Same / Bad against base", ""]
     rows = []
     for comp, per in res["gsb"].items():
         for task, v in per.items():

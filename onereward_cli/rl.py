@@ -231,10 +231,20 @@ class Policy:
     @contextlib.contextmanager
     def swapped_in_ema(self):
         """Temporarily load the EMA weights into the trainable parameters (no extra model copy)."""
+        with self.swapped_in(self.ema):
+            yield
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the trainable weights, placed like them (the early-stopping candidate)."""
+        return {n: p.detach().clone().float() for n, p in self.trainable.items()}
+
+    @contextlib.contextmanager
+    def swapped_in(self, weights: dict[str, torch.Tensor]):
+        """Temporarily load `weights` (EMA or a snapshot) into the trainable parameters."""
         stash = {n: p.detach().clone() for n, p in self.trainable.items()}
         with torch.no_grad():
             for n, p in self.trainable.items():
-                p.copy_(self.ema[n].to(p.dtype))
+                p.copy_(weights[n].to(p.dtype))
         try:
             yield
         finally:
@@ -356,9 +366,11 @@ def _suffix(dist) -> str:
     return "" if dist is None else f".rank{dist[0]:02d}"
 
 
-def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: dict, fingerprint=None, dist=None):
+def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: dict, fingerprint=None, dist=None,
+                    best: dict | None = None):
     """dist = (rank, world) under FSDP: every rank calls this and writes its own shards (policy.rank00...,
-    nothing gathered); rank 0 then publishes the folder. Without FSDP only the main process calls it."""
+    nothing gathered); rank 0 then publishes the folder. Without FSDP only the main process calls it.
+    best: rl.keep_best's snapshot so far (its step and score are in counters)."""
     ck = out / "checkpoints" / f"step-{step:06d}"
     if names_latest(ck.parent, ck.name):  # resumed at this step: nothing new to save
         return ck
@@ -371,6 +383,8 @@ def save_checkpoint(out: Path, step: int, policy: Policy, opt, sched, counters: 
     sfx = _suffix(dist)
     save_tensors(tmp / f"policy{sfx}.safetensors", policy.state_tensors())
     save_tensors(tmp / f"ema{sfx}.safetensors", policy.ema_tensors())
+    if best is not None:
+        save_tensors(tmp / f"best{sfx}.safetensors", {n: local(t) for n, t in best.items()})
     ot, ometa = optimizer_to_files(opt)
     ot = {k: local(v) for k, v in ot.items()}
     save_tensors(tmp / f"optimizer{sfx}.safetensors", ot or {"_empty": torch.zeros(1)})
@@ -405,6 +419,21 @@ def check_lr_record(saved: dict | None, now: dict, ck: Path):
 
         warnings.warn(f"{ck}: rl.steps changed from {saved['steps']} to {now['steps']}: the {now['lr_schedule']} "
                       "decay is stretched over the new total from here on", UserWarning, stacklevel=3)
+
+
+def load_best(out: Path, policy: Policy, dist=None) -> dict[str, torch.Tensor]:
+    """rl.keep_best's snapshot from the latest checkpoint, placed like the trainable weights."""
+    info = json.loads((out / "checkpoints" / "latest.json").read_text())
+    f = out / "checkpoints" / info["path"] / f"best{_suffix(dist)}.safetensors"
+    if not f.is_file():
+        raise InputError("--resume: the checkpoint has no best.safetensors (rl.keep_best was off when it was "
+                         "written)", path=f, field="rl.keep_best")
+    saved = load_tensors(f)
+    snap = policy.snapshot()
+    with torch.no_grad():
+        for n, t in snap.items():
+            t.copy_(like(saved[n], t))
+    return snap
 
 
 def load_checkpoint(out: Path, policy: Policy, opt, sched, dist=None) -> tuple[int, dict]:
@@ -840,7 +869,8 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
     trainer = Trainer(recipe, conds, reward_spec, dynamic, accelerator=acc, extra_conds=heldout_conds,
                       text_cache_dir=cache_root(recipe, out), shard_spec=shard_spec)
     man = RunManifest("rl-dynamic" if dynamic else "rl", out, recipe,
-                      inputs={"data": _resolve_data_file(data), "reward_model": reward_spec})
+                      inputs={"data": _resolve_data_file(data), "reward_model": reward_spec,
+                              **({"validation": _resolve_data_file(heldout)} if heldout else {})})
     out.mkdir(parents=True, exist_ok=True)
     if acc.num_processes == 1:  # temp files and half-assembled checkpoints of a killed run
         remove_stale_temps(out)
@@ -855,6 +885,16 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
         log_path.unlink(missing_ok=True)
     acc.wait_for_everyone()
     tb = _tensorboard(out / "tensorboard") if acc.is_main_process else None
+    best = None  # rl.keep_best: the snapshot with the best held-out score (step 0 = the starting model)
+    if cfg.keep_best:
+        if resume and "best_step" in counters:
+            best = load_best(out, trainer.policy, dist)
+        else:
+            base = heldout_oracle(trainer, heldout_conds, n=cfg.heldout_n)
+            counters.update(best_step=0, best_score=base, start_heldout=base)
+            best = trainer.policy.snapshot()
+            if tb is not None:
+                tb.add_scalar("heldout/oracle", base, 0)
     with Progress(TextColumn("[bold]rl{}".format(" (dynamic)" if dynamic else "")), BarColumn(),
                   TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
@@ -882,6 +922,9 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
                    "rewards": rewards, "mean_reward": float(torch.cat([p.detach().float() for p in p_yes]).mean())}
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 rec["heldout_oracle"] = heldout_oracle(trainer, heldout_conds, n=cfg.heldout_n)
+                if best is not None and rec["heldout_oracle"] > counters["best_score"]:
+                    best = trainer.policy.snapshot()
+                    counters.update(best_step=step + 1, best_score=rec["heldout_oracle"])
             if acc.is_main_process:
                 append_jsonl(log_path, rec)
                 if tb is not None:
@@ -894,22 +937,37 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
             prog.update(bar, advance=1, info=f"loss {rec['loss']:.3f} reward {rec['mean_reward']:.3f}")
             saver = acc.is_main_process or dist is not None
             if saver and cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-                save_checkpoint(out, step + 1, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint, dist)
+                save_checkpoint(out, step + 1, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint, dist,
+                                best=best)
             acc.wait_for_everyone()
     if dist is not None:  # FSDP: shards on every rank; policy/ and ema/ gathered (a collective) for rank 0
-        save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint, dist)
+        save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint, dist,
+                        best=best)
         tr = trainer.policy.transformer
         full = gathered(tr.state_dict(), trainer.dtype, keep=acc.is_main_process)
         with trainer.policy.swapped_in_ema():
             full_ema = gathered(tr.state_dict(), trainer.dtype, keep=acc.is_main_process)
+        if best is not None:
+            with trainer.policy.swapped_in(best):
+                full_best = gathered(tr.state_dict(), trainer.dtype, keep=acc.is_main_process)
     if acc.is_main_process:
         if dist is None:
-            save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint)
+            save_checkpoint(out, cfg.steps, trainer.policy, trainer.opt, trainer.sched, counters, fingerprint,
+                            best=best)
         from diffusers import FluxFillPipeline
 
         tr = trainer.policy.transformer
-        save_policy_dir(FluxFillPipeline, tr, out / "policy", recipe.models.policy, trainer.policy.lora,
-                        policy_settings(recipe), dtype=trainer.dtype, state=full if dist else None)
+        if best is None:
+            save_policy_dir(FluxFillPipeline, tr, out / "policy", recipe.models.policy, trainer.policy.lora,
+                            policy_settings(recipe), dtype=trainer.dtype, state=full if dist else None)
+        else:  # early stopping: policy/ is the selected snapshot, last/ the final weights
+            save_policy_dir(FluxFillPipeline, tr, out / "last", recipe.models.policy, trainer.policy.lora,
+                            policy_settings(recipe), dtype=trainer.dtype, state=full if dist else None)
+            with trainer.policy.swapped_in(best) if dist is None else contextlib.nullcontext():
+                save_policy_dir(FluxFillPipeline, tr, out / "policy", recipe.models.policy, trainer.policy.lora,
+                                policy_settings(recipe), dtype=trainer.dtype, state=full_best if dist else None)
+            man.set(selected={"step": counters["best_step"], "heldout_oracle": counters["best_score"],
+                              "start_heldout_oracle": counters["start_heldout"]})
         with trainer.policy.swapped_in_ema() if dist is None else contextlib.nullcontext():
             save_policy_dir(FluxFillPipeline, tr, out / "ema", recipe.models.policy, trainer.policy.lora,
                             policy_settings(recipe), dtype=trainer.dtype, state=full_ema if dist else None)
@@ -924,6 +982,9 @@ def run(recipe, data, out, reward_model: str | None = None, dynamic: bool = Fals
         man.write()
         console.print(f"rl: policy -> {out / 'policy'}, EMA -> {out / 'ema'}"
                       + (f", reward curves -> {png}" if png else ""))
+        if best is not None:
+            console.print(f"rl: keep_best: policy/ is step {counters['best_step']} (held-out oracle "
+                          f"{counters['best_score']:.4f}, start {counters['start_heldout']:.4f}); last/ is step {cfg.steps}")
     acc.wait_for_everyone()
     return out
 

@@ -34,3 +34,16 @@ def test_demo_refuses_a_foreign_folder_and_replaces_its_own(zoo, tmp_path):
     with pytest.raises(InputError):
         demo.run(load_recipe("tiny", SMALL), foreign)
     assert (foreign / "keep.txt").exists()
+
+
+def test_demo_with_keep_best_selects_on_world_validation_not_the_benchmark(zoo, tmp_path):
+    """rl.keep_best in the demo must select on its own validation triplets: selecting on data/benchmark.jsonl
+    (what eval reports) would make the reported held-out score a training signal."""
+    out = tmp_path / "demo"
+    demo.run(load_recipe("tiny", SMALL + ["rl.keep_best=true", "rl.eval_every=1", "rl.heldout_n=4"]), out)
+    val = out / "data" / "validation" / "validation.jsonl"
+    assert len(val.read_text().splitlines()) == 4  # one world triplet per task
+    for name in ("rl-static", "rl-dynamic"):
+        man = json.loads((out / name / "run.json").read_text())
+        assert man["inputs"]["validation"]["path"] == str(val.resolve())
+        assert 0 <= man["selected"]["step"] <= 2 and (out / name / "last").is_dir()

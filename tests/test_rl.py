@@ -519,3 +519,60 @@ def test_fsdp_config_on_one_process_fails_fast_through_accelerate_launch(conditi
     assert len(lines) == 1 and "this launch has one" in lines[0], p.stderr[-3000:]
     assert "Traceback" not in p.stderr.split("error:")[0]  # the rank itself raised nothing
     assert not out.exists()
+
+
+def _scripted_heldout(monkeypatch, scores):
+    """heldout_oracle replaced by a score per optimizer steps taken (the scheduler's counter survives a
+    resume), so which step is best is known in advance."""
+    monkeypatch.setattr(rl, "heldout_oracle", lambda trainer, conds, n=4: scores[trainer.sched.last_epoch])
+
+
+def test_keep_best_saves_the_best_heldout_step_and_the_last(conditions, zoo, tmp_path, monkeypatch):
+    """Guards rl.keep_best: policy/ must be the weights of the step with the best held-out score, last/
+    the final ones. Broken (policy/ saved from the final weights) the first assertion fails."""
+    _scripted_heldout(monkeypatch, {0: 0.5, 1: 0.7, 2: 0.6, 3: 0.4})
+    sel = tmp_path / "sel"
+    rl.run(recipe("rl.steps=3", "rl.save_every=0", "rl.eval_every=1", "rl.keep_best=true"), conditions, sel)
+    one, three = tmp_path / "one", tmp_path / "three"
+    rl.run(recipe("rl.steps=1", "rl.save_every=0"), conditions, one)  # step s is a function of s alone
+    rl.run(recipe("rl.steps=3", "rl.save_every=0"), conditions, three)
+    best, last, w1, w3 = (_weights(d) for d in (sel / "policy", sel / "last", one / "policy", three / "policy"))
+    assert any(not torch.equal(w1[k], w3[k]) for k in w1)  # the two candidates differ
+    for k in w1:
+        assert torch.equal(best[k], w1[k]), k
+        assert torch.equal(last[k], w3[k]), k
+    man = json.loads((sel / "run.json").read_text())
+    assert man["selected"] == {"step": 1, "heldout_oracle": 0.7, "start_heldout_oracle": 0.5}
+
+
+def test_keep_best_returns_the_base_model_when_nothing_beats_it(conditions, zoo, tmp_path, monkeypatch):
+    """If no step beats the start, policy/ is the starting model: every LoRA up-projection is zero (PEFT
+    initialises lora_B to 0), so the policy is exactly the base. Broken (no step-0 candidate) it fails."""
+    _scripted_heldout(monkeypatch, {0: 0.9, 1: 0.7, 2: 0.6})
+    out = tmp_path / "base"
+    rl.run(recipe("rl.steps=2", "rl.save_every=0", "rl.eval_every=1", "rl.keep_best=true"), conditions, out)
+    w = _weights(out / "policy")
+    ups = [k for k in w if "lora_B" in k]
+    assert ups and all(torch.count_nonzero(w[k]) == 0 for k in ups)
+    assert any(torch.count_nonzero(v) > 0 for k, v in _weights(out / "last").items() if "lora_B" in k)
+
+
+def test_keep_best_resumes_to_the_same_selection(conditions, zoo, tmp_path, monkeypatch):
+    """The best snapshot is checkpointed: a run killed after its best step and resumed selects the same
+    weights as an uninterrupted run (were the snapshot lost, the resumed run would pick a later step)."""
+    _scripted_heldout(monkeypatch, {0: 0.5, 1: 0.8, 2: 0.6, 3: 0.7, 4: 0.4})
+    s = ["rl.save_every=2", "rl.eval_every=1", "rl.keep_best=true"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    rl.run(recipe("rl.steps=4", *s), conditions, full)
+    rl.run(recipe("rl.steps=2", *s), conditions, part)
+    rl.run(recipe("rl.steps=4", *s), conditions, part, resume=True)
+    for sub in ("policy", "last"):
+        a, b = _weights(full / sub), _weights(part / sub)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (sub, k)
+    assert json.loads((part / "run.json").read_text())["selected"]["step"] == 1
+
+
+def test_keep_best_needs_eval_every():
+    with pytest.raises(InputError, match="rl.keep_best"):
+        recipe("rl.keep_best=true", "rl.eval_every=0")

@@ -178,11 +178,14 @@ def triplet(task: str, rng: random.Random, cfg: WorldConfig) -> WorldTriplet:
     raise ValueError(f"unknown task {task!r}")
 
 
-def write_benchmark(out, n_per_task: dict[str, int], cfg: WorldConfig, seed: int) -> "Path":
+def write_benchmark(out, n_per_task: dict[str, int], cfg: WorldConfig, seed: int,
+                    namespace: str = "benchmark") -> "Path":
     """A held-out benchmark JSONL of world triplets with their ground truth (`target`).
 
     `eval` reads the usual triplet fields (id, task, source, mask, prompt); `target` lets it report
-    the ground truth's scores beside the policies' (the oracle's ceiling)."""
+    the ground truth's scores beside the policies' (the oracle's ceiling). Another `namespace`
+    ("validation") draws other scenes from the same seed: a set to select checkpoints on that the
+    reported benchmark never sees."""
     from pathlib import Path
 
     from ..artifacts import save_png, write_jsonl
@@ -190,7 +193,7 @@ def write_benchmark(out, n_per_task: dict[str, int], cfg: WorldConfig, seed: int
     out = Path(out)
     recs = []
     for task, n in n_per_task.items():
-        rng = random.Random(f"benchmark:{seed}:{task}")
+        rng = random.Random(f"{namespace}:{seed}:{task}")
         for i in range(n):
             t = triplet(task, rng, cfg)
             sid = f"{task}-{i:04d}"
@@ -200,5 +203,5 @@ def write_benchmark(out, n_per_task: dict[str, int], cfg: WorldConfig, seed: int
             save_png(out / d / "target.png", t.target)
             recs.append({"id": sid, "task": task, "prompt": t.user_prompt, "source": f"{d}/source.png",
                          "mask": f"{d}/mask.png", "target": f"{d}/target.png"})
-    write_jsonl(out / "benchmark.jsonl", recs)
-    return out / "benchmark.jsonl"
+    write_jsonl(out / f"{namespace}.jsonl", recs)
+    return out / f"{namespace}.jsonl"
