@@ -200,3 +200,28 @@ def test_fsdp_checkpoint_resumes_exactly(two_shapes, zoo, tmp_path):
     with pytest.raises(InputError) as e:
         rl.run(_recipe("rl.steps=6"), two_shapes, cut, dynamic=True, resume=True)
     assert "fsdp" in str(e.value) and "processes" in str(e.value)
+
+
+@pytest.mark.slow
+def test_fsdp_keep_best_saves_the_selected_step(two_shapes, zoo, tmp_path):
+    """rl.keep_best under FSDP2: the snapshot is sharded like the weights, checkpointed per rank and gathered
+    into policy/. policy/ must equal the weights of the selected step (the base for step 0, the step-2
+    checkpoint's shards joined for step 2, last/ for step 4); a policy/ gathered from the final weights, or
+    a snapshot kept unsharded, fails this."""
+    out = tmp_path / "kb"
+    _launch(two_shapes, out, False, sets=["rl.keep_best=true", "rl.eval_every=2", "rl.heldout_n=2"])
+    sel = json.loads((out / "run.json").read_text())["selected"]
+    assert sel["step"] in (0, 2, 4)
+    ck = out / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in ck.glob("best*.safetensors")) == ["best.rank00.safetensors", "best.rank01.safetensors"]
+    got, last = _folder_weights(out / "policy"), _folder_weights(out / "last")
+    if sel["step"] == 0:
+        want = _folder_weights(zoo / "flux-fill" / "transformer")
+    elif sel["step"] == 4:
+        want = last
+    else:  # FSDP2 shards dim 0: the two ranks' pieces, in order, are the whole tensor
+        a, b = (rl.load_tensors(ck / f"policy.rank0{r}.safetensors") for r in (0, 1))
+        want = {n: torch.cat([a[n], b[n]]) for n in a}
+    assert set(want) <= set(got)
+    assert all(torch.equal(got[n].float(), want[n].float()) for n in want)
+    assert any(not torch.equal(got[n], last[n]) for n in got) == (sel["step"] != 4)
