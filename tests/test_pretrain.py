@@ -162,3 +162,20 @@ def test_vit_warmup_trains_the_vision_tower_only(zoo_random, tmp_path):
     assert moved and all(".visual." in f".{k}" for k in moved), sorted(moved)[:5]
     assert any("patch_embed" in k for k in moved) and any("merger" in k for k in moved)
     assert not any(p.requires_grad for p in m.parameters())  # frozen afterwards; run() unfreezes for question answering
+
+
+def test_token_mask_weights_put_the_weight_on_the_edit_region():
+    """The opt-in mask-weighted fill loss: each token weighs 1 + w * (its masked share), rows normalised to
+    mean 1, in the packed token order (row-major over the token grid); w = 0 weighs every token 1."""
+    import torch
+
+    from onereward_cli.pretrain.flux import token_mask_weights
+
+    m = torch.zeros(2, 1, 64, 32)  # 16 x 8 tokens of 4 x 4 pixels
+    m[0, :, :4, :8] = 1  # token row 0, columns 0-1
+    w = token_mask_weights(m, 128, 4.0)[..., 0]
+    assert w.shape == (2, 128)
+    assert torch.allclose(w.mean(1), torch.ones(2))
+    assert torch.allclose(w[0, :2], torch.full((2,), 5.0 / (1 + 4.0 * 2 / 128)))
+    assert torch.all(w[0, 2:] < 1) and torch.equal(w[1], torch.ones(128))
+    assert torch.equal(token_mask_weights(m, 128, 0.0)[..., 0], torch.ones(2, 128))

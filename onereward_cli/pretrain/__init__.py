@@ -43,6 +43,7 @@ class Budget:
     flux_lr: float = 1e-3
     flux_batch: int = 16
     flux_ema: float = 0.995
+    flux_mask_weight: float = 0.0  # pretrain.flux.token_mask_weights; 0 = the shipped zoo's plain mean (A/B in BENCHMARKS.md)
     vit_steps: int = 1000  # the VLM's vision warm-up (vlm.vit_warmup), before the question answering
     vit_lr: float = 3e-3
     vlm_steps: int = 1600
@@ -137,7 +138,7 @@ def run(out, work=None, *, seed: int = 0, scale: float = 1.0, only=STAGES, conso
         pipe.set_progress_bar_config(disable=True)
         res = flux_stage.run(pipe, d, cfg, _loop(budget.flux_steps, budget.flux_lr, budget, ema=budget.flux_ema),
                              seed=seed, batch=budget.flux_batch, max_sequence_length=budget.max_sequence_length,
-                             console=console, eval_n=budget.eval_n)
+                             console=console, eval_n=budget.eval_n, mask_weight=budget.flux_mask_weight)
         for sub in ("transformer", "text_encoder", "text_encoder_2"):
             getattr(pipe, sub).save_pretrained(d / "model" / sub)
         return res
