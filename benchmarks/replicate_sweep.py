@@ -113,13 +113,13 @@ def benchmark_scores(r, rl_out: Path, seed_dir: Path) -> dict:
     if not (ev / "metrics.json").exists():
         evaluate.run(r, policy=str(rl_out / "policy"), benchmark=seed_dir / "benchmark" / "benchmark.jsonl", out=ev,
                      compare=[r.models.policy], reward_model=None, human=None)
+    from onereward_cli.replicate import task_means
+
     m = json.loads((ev / "metrics.json").read_text())
     pol, base = [p["label"] for p in m["policies"]]
-    by: dict = {}
-    for rec in m["per_sample"]:
-        if "oracle" in rec["values"]:
-            by.setdefault(rec["policy"], {}).setdefault(rec["task"], []).append(rec["values"]["oracle"])
-    means = {k: {t: float(np.mean(v)) for t, v in per.items()} for k, per in by.items()}
+    means = {label: task_means({rec["id"]: (rec["task"], rec["values"]["oracle"]) for rec in m["per_sample"]
+                                if rec["policy"] == label and "oracle" in rec["values"]})
+             for label in (pol, base)}
     return {"policy": float(np.mean(list(means[pol].values()))), "base": float(np.mean(list(means[base].values()))),
             "per_task": {t: means[pol][t] - means[base][t] for t in means[pol]}}
 

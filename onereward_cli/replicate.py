@@ -171,13 +171,11 @@ def accuracy_cells(root: Path, key: str) -> dict[str, dict[tuple[str, str], floa
     base = root / "reward-full" / "accuracy_baseline.json"
     if base.exists():
         rows["untuned"] = {(c["task"], c["dimension"]): c[key] for c in json.loads(base.read_text())["cells"]}
-    for m in MODES:
-        f = root / f"reward-{m}" / "accuracy.json"
+    files = {m: root / f"reward-{m}" / "accuracy.json" for m in MODES}
+    files["fixed"] = root / "reward-full" / f"{FIXED_QUERY_REPORT}.json"
+    for m, f in files.items():
         if f.exists():
             rows[m] = {(c["task"], c["dimension"]): c[key] for c in json.loads(f.read_text())["cells"]}
-    f = root / "reward-full" / f"{FIXED_QUERY_REPORT}.json"
-    if f.exists():
-        rows["fixed"] = {(c["task"], c["dimension"]): c[key] for c in json.loads(f.read_text())["cells"]}
     return rows
 
 
@@ -310,7 +308,7 @@ def aggregate(seed_dirs: list[Path]) -> dict:
             gsb[f"{pol} vs base ({judge})"] = {t: {k: mean_ci([g.get(t, {}).get(k) for g in per_seed])
                                                    for k in ("good", "same", "bad")} for t in keys}
     res["gsb"] = gsb
-    res["selected"] = {d.name: {m: selected(d, f"rl-{m}") for m in ("static", "dynamic") if selected(d, f"rl-{m}")}
+    res["selected"] = {d.name: {m: sel for m in ("static", "dynamic") if (sel := selected(d, f"rl-{m}"))}
                        for d in seed_dirs}
     phases: dict[str, list[float]] = {}
     for d in seed_dirs:
