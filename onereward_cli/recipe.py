@@ -164,6 +164,9 @@ class RewardConfig:
     log_every: int = 1
     train_vision: bool = False
     train_merger: bool = True
+    # Full fine-tuning only: false freezes the vocabulary matrices (input embeddings and LM head), 1.09 B
+    # of Qwen2.5-VL-7B's 8.3 B parameters, so ~17 GB less fp32 master weights, gradients and AdamW state.
+    train_embeddings: bool = True
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"  # no | bf16 (fp16 is refused: no loss scaling)
     eval_every: int = 50

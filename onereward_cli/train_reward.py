@@ -67,6 +67,8 @@ def _fingerprint(r, train_path: Path, world: int) -> dict:
     from .recipe import to_plain
 
     reward = {k: v for k, v in to_plain(r.reward).items() if k not in _RESUMABLE_KEYS}
+    if reward.get("train_embeddings") is True:
+        del reward["train_embeddings"]  # the default: checkpoints from before the key (0.2.x) still resume
     return {"models.reward": r.models.reward, "seed": r.seed, "dtype": r.dtype, "tasks": to_plain(r.tasks),
             "reward": reward, "train_sha256": _sha256(train_path), "processes": world}
 
@@ -102,6 +104,9 @@ def setup_trainable(model, w):
         base = unwrap(model)
         base.model.language_model.requires_grad_(True)
         base.lm_head.requires_grad_(True)
+        if not w.train_embeddings:  # tied or untied, both vocabulary matrices stay as loaded
+            base.get_input_embeddings().requires_grad_(False)
+            base.lm_head.requires_grad_(False)
     visual = unwrap(model).model.visual
     visual.requires_grad_(w.train_vision)
     visual.merger.requires_grad_(w.train_merger)

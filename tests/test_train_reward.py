@@ -73,6 +73,27 @@ def test_training_memorises_pairs_and_saves_a_loadable_model(tmp_path, zoo):
     assert p[0].item() > 0.5 > p[1].item()
 
 
+@pytest.mark.parametrize("train_embeddings", [True, False])
+def test_train_embeddings_false_keeps_the_vocabulary_matrices(tmp_path, zoo, train_embeddings):
+    """reward.train_embeddings false: the LM layers train, embed_tokens and lm_head stay exactly as loaded
+    and are not in the checkpoint; the default (control) moves them."""
+    from onereward_cli.models.tiny import resolve_model_path
+
+    r = recipe("reward.max_steps=2", "reward.lr=1e-3", f"reward.train_embeddings={str(train_embeddings).lower()}")
+    out = tmp_path / "out"
+    train_reward.run(r, make_pairs(tmp_path / "pairs"), out)
+    base = load_file(str(Path(resolve_model_path(r.models.reward)) / "model.safetensors"))
+    trained = _final_weights(out)
+    vocab = [k for k in trained if k.endswith("embed_tokens.weight") or k.startswith("lm_head")]
+    layers = [k for k in trained if ".layers." in k and "visual" not in k]
+    assert vocab and layers
+    assert any(not torch.equal(trained[k], base[k].to(trained[k].dtype)) for k in layers)
+    moved = [not torch.equal(trained[k], base[k].to(trained[k].dtype)) for k in vocab]
+    assert all(moved) if train_embeddings else not any(moved)
+    ck = load_file(str(next((out / "checkpoints").glob("step-*")) / "trainable.safetensors"))
+    assert any("embed_tokens" in k for k in ck) == train_embeddings
+
+
 def _final_weights(out: Path) -> dict:
     return load_file(str(out / "final" / "model.safetensors"))
 
