@@ -1,13 +1,14 @@
 """A/B of the zoo's flux pretraining stage: train it from scratch at the shipped budget with a setting
-changed (today: the mask-weighted loss, `pretrain.flux.token_mask_weights`) and score zoo_quality.py's
-held-out triplets (24 per task, oracle mean over the task's dimensions) against the shipped generator.
+changed (the mask-weighted loss, `pretrain.flux.token_mask_weights`, or the step count) and score
+zoo_quality.py's held-out triplets (24 per task, oracle mean over the task's dimensions) against the
+shipped generator.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/flux_stage_ab.py --mask-weight 4 --work /tmp/ab-mw4 \
-        [--vae DIR] [--png grid.png]
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/flux_stage_ab.py --mask-weight 0 --work /tmp/ab-mw0 \
+        [--steps 1200] [--vae DIR] [--png grid.png]
 
-Run it once with --mask-weight 0 as the control: the shipped zoo was trained at one thread, and another
-thread count rounds differently, so only a control run on the same machine and threads isolates the
-setting. --vae defaults to the shipped VAE (the stage normally uses the VAE stage's fp32 output).
+Defaults: the shipped budget (`pretrain.Budget`: 1800 steps, mask weight 4). Run a control on the same
+machine and threads: the shipped zoo was trained at one thread, and another thread count rounds
+differently, so only a control run isolates the setting. --vae defaults to the shipped VAE (the stage normally uses the VAE stage's fp32 output).
 Writes WORK/flux/model/ (transformer, text encoders), prints the scores.
 """
 from __future__ import annotations
@@ -35,7 +36,8 @@ def main(argv=None):
     from onereward_cli.recipe import load_recipe
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--mask-weight", type=float, default=0.0)
+    p.add_argument("--mask-weight", type=float, default=None, help="default: the shipped budget's")
+    p.add_argument("--steps", type=int, default=None, help="flux steps (default: the shipped budget's)")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--vae", default=None, help="AutoencoderKL folder (default: the shipped zoo's)")
     p.add_argument("--seed", type=int, default=0)
@@ -46,14 +48,16 @@ def main(argv=None):
     if not (model / "transformer").exists():
         torch.manual_seed(a.seed)
         b = Budget()
+        steps = a.steps or b.flux_steps
+        mw = b.flux_mask_weight if a.mask_weight is None else a.mask_weight
         base = build_zoo(a.work / "base", seed=a.seed)
         pipe = FluxFillPipeline.from_pretrained(base / "flux-fill")
         pipe.vae = (AutoencoderKL.from_pretrained(a.vae) if a.vae else
                     AutoencoderKL.from_pretrained(shipped, subfolder="vae", torch_dtype=torch.float32))
         pipe.set_progress_bar_config(disable=True)
-        flux_stage.run(pipe, a.work / "flux", world.WorldConfig(), _loop(b.flux_steps, b.flux_lr, b, ema=b.flux_ema),
+        flux_stage.run(pipe, a.work / "flux", world.WorldConfig(), _loop(steps, b.flux_lr, b, ema=b.flux_ema),
                        seed=a.seed, batch=b.flux_batch, max_sequence_length=b.max_sequence_length, eval_n=b.eval_n,
-                       mask_weight=a.mask_weight)
+                       mask_weight=mw)
         for sub in ("transformer", "text_encoder", "text_encoder_2"):
             getattr(pipe, sub).save_pretrained(model / sub)
     cfg = world.WorldConfig.from_recipe(load_recipe("tiny"))

@@ -441,7 +441,7 @@ def test_pretraining_killed_anywhere_resumes_to_the_same_zoo(zoo_random, tmp_pat
 
     part, work = tmp_path / "zoo", tmp_path / "zoo.work"
     full, full_work = tmp_path / "full", tmp_path / "full.work"
-    args = ["--scale", "0.004"]  # steps: vae 10 (checkpoints at 5, 10), flux 5 (2, 4, 5), vlm 6, clip 2
+    args = ["--scale", "0.004"]  # steps: vae 10 (checkpoints at 5, 10), flux 7 (3, 6, 7), vlm 6, clip 2
     assert main([str(part), *args]) == 0
     part.rename(full), work.rename(full_work)  # the model configs name the folder they came from
     # vae between its checkpoints (before step 8); flux right after its first checkpoint folder got its
@@ -449,8 +449,8 @@ def test_pretraining_killed_anywhere_resumes_to_the_same_zoo(zoo_random, tmp_pat
     # but not yet renamed into place (its manifest is written inside the temporary folder).
     killed("call", "onereward_cli.pretrain.loop:lr_factor:8", [str(part), *args], main)
     assert latest_step(work / "vae") == 5
-    killed("rename", "step-0000002", [str(part), *args], main)
-    assert (work / "flux" / "checkpoints" / "step-0000002").is_dir()
+    killed("rename", "step-0000003", [str(part), *args], main)
+    assert (work / "flux" / "checkpoints" / "step-0000003").is_dir()
     assert not (work / "flux" / "checkpoints" / "latest.json").exists()
     killed("call", "onereward_cli.pretrain:_finish:2", [str(part), *args], main)
     assert (work / "vlm" / "model").is_dir() and not (work / "vlm" / "result.json").exists()

@@ -247,13 +247,20 @@ def test_full_finetune_saves_transformer(conditions, zoo, tmp_path):
 
 
 def test_mean_reward_rises_with_fixed_reward_model(conditions, zoo, tmp_path):
-    out = tmp_path / "rise"
-    rl.run(recipe("rl.steps=16", "rl.lr=3e-2", "rl.save_every=0", "rl.batch_size=2", "rl.max_grad_norm=0"),
-           conditions, out)
-    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
-    first = np.mean([r["mean_reward"] for r in log[:4]])
-    last = np.mean([r["mean_reward"] for r in log[-4:]])
-    assert last > first, (first, last)
+    """The logged reward of a trained run against the lr -> 0 control on the same seed (the same tasks,
+    conditions, noise and t each step, so only the weights differ). A first-vs-last comparison within one
+    run cannot fail by itself: its mean moves with which tasks each step samples (it passed at lr 1e-12)."""
+    means = {}
+    for lr in ("3e-2", "1e-12"):
+        out = tmp_path / f"rise-{lr}"
+        rl.run(recipe("rl.steps=16", f"rl.lr={lr}", "rl.save_every=0", "rl.batch_size=2", "rl.max_grad_norm=0"),
+               conditions, out)
+        log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        assert len(log) == 16
+        means[lr] = float(np.mean([r["mean_reward"] for r in log[-8:]]))
+    print(f"mean reward, last 8 steps: {means}")
+    # Measured on the shipped zoo (2026-12-03): 0.8926 trained vs 0.8773 control; the same lr for both gives 0.
+    assert means["3e-2"] > means["1e-12"] + 0.005, means
 
 
 def test_nonfinite_loss_skips_then_aborts(conditions, zoo, tmp_path, monkeypatch):
