@@ -19,7 +19,8 @@ which `zoo:NAME` resolves to.
 Every stage is seeded per step and checkpoints (WORK/<stage>/checkpoints); a re-run resumes where
 a killed one stopped, and a finished stage is skipped. Same seed, same machine: same bytes.
 `--jobs 2` runs the VLM and CLIP stages in a second process beside VAE -> flux (they share nothing),
-each process at one thread: the same bytes as one process at OMP_NUM_THREADS=1, in about 2/3 of the wall.
+each process at one thread: the same bytes as one process at OMP_NUM_THREADS=1, in less wall time
+(the shipped budget: 27 min 54 s on a 2-core CPU, ~33 min one stage after another; BENCHMARKS.md).
 """
 from __future__ import annotations
 
