@@ -8,7 +8,8 @@ shipped generator.
 
 Defaults: the shipped budget (`pretrain.Budget`: 1800 steps, mask weight 4). Run a control on the same
 machine and threads: the shipped zoo was trained at one thread, and another thread count rounds
-differently, so only a control run isolates the setting. --vae defaults to the shipped VAE (the stage normally uses the VAE stage's fp32 output).
+differently, so only a control run isolates the setting. --vae defaults to the shipped VAE (the stage
+normally uses the VAE stage's fp32 output).
 Writes WORK/flux/model/ (transformer, text encoders), prints the scores.
 """
 from __future__ import annotations

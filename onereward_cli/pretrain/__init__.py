@@ -179,9 +179,8 @@ def run(out, work=None, *, seed: int = 0, scale: float = 1.0, only=STAGES, conso
         torch.set_num_threads(1)
         cmd = [sys.executable, "-m", "onereward_cli.pretrain", str(out), "--work", str(work), "--seed", str(seed),
                "--scale", repr(scale), "--only", ",".join(side)]
-        console.print(f"pretrain: {', '.join(side)} in a second process (pid follows), one thread each")
         child = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        console.print(f"pretrain: second process pid {child.pid}")
+        console.print(f"pretrain: {', '.join(side)} in a second process (pid {child.pid}), one thread each")
     try:
         for name in STAGES:
             if name in only and not (child and name in side):
