@@ -268,14 +268,15 @@ def eval_(
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Where every artifact goes."),
     replicate: bool = typer.Option(False, "--replicate", help="Run the miniature replication instead: Tables 1/4, Fig. 4, Table 2, Fig. 7 over seeds (resumes)."),
-    recipe: str = RecipeOpt,
+    recipe: str = typer.Option("demo", "--recipe", "-r", help="Bundled recipe name or a YAML path (default: demo; "
+                                                               "replicate with --replicate)."),
     set_: Optional[List[str]] = SetOpt,
 ):
     """Run the whole pipeline on the embedded default (tiny zoo + synthetic data) and summarise it.
 
     Example: onereward demo --out demo-out
     """
-    if replicate and recipe == "tiny":
+    if replicate and recipe == "demo":
         recipe = "replicate"  # the same tiny zoo with more data and steps, so the ablations can separate
         console.print("--replicate: using recipe 'replicate' (recipes/replicate.yaml)")
     r = _recipe(recipe, set_)

@@ -109,16 +109,20 @@ def run(recipe, out, replicate: bool = False):
     train_ids = {r["sample_id"] for r in read_jsonl(pairs_dir / "train.jsonl")}
     with _stage("train-reward", t):
         train_reward.run(recipe, pairs_dir, out / "reward", resume=False)
-    reward_model = str(out / "reward" / "final")
+    reward_model = recipe.demo.rl_reward_model or str(out / "reward" / "final")
     conds = write_conditions(out / "candidates", train_ids, out / "data" / "rl_conditions.jsonl")
-    bench = write_benchmark(out / "candidates", test_ids, out / "data" / "benchmark.jsonl")
+    import math
+
+    from .pretrain import world
+
+    tasks = [k for k, v in recipe.tasks.items() if v.probability > 0]
+    if recipe.demo.benchmark_per_task:  # world triplets: scenes neither the pool nor validation holds
+        bench = world.write_benchmark(out / "data" / "benchmark", {k: recipe.demo.benchmark_per_task for k in tasks},
+                                      world.WorldConfig.from_recipe(recipe), seed=recipe.seed)
+    else:
+        bench = write_benchmark(out / "candidates", test_ids, out / "data" / "benchmark.jsonl")
     heldout = bench
     if recipe.rl.keep_best:  # select on other scenes than the benchmark eval reports: world triplets
-        import math
-
-        from .pretrain import world
-
-        tasks = [k for k, v in recipe.tasks.items() if v.probability > 0]
         per = {k: math.ceil(recipe.rl.heldout_n / len(tasks)) for k in tasks}
         heldout = world.write_benchmark(out / "data" / "validation", per, world.WorldConfig.from_recipe(recipe),
                                         seed=recipe.seed, namespace="validation")
@@ -131,11 +135,11 @@ def run(recipe, out, replicate: bool = False):
                      compare=[recipe.models.policy, str(out / "rl-dynamic" / "policy")],
                      reward_model=reward_model, human=None)
     t["total"] = time.perf_counter() - t0
-    summarise(out, t)
+    summarise(out, t, judge=recipe.demo.rl_reward_model)
     return out
 
 
-def summarise(out: Path, timings: dict):
+def summarise(out: Path, timings: dict, judge: str = ""):
     tab = Table(title="onereward demo: what each stage produced", show_lines=False)
     tab.add_column("stage")
     tab.add_column("seconds", justify="right")
@@ -160,6 +164,8 @@ def summarise(out: Path, timings: dict):
     acc = out / "reward" / "accuracy.json"
     if acc.exists():
         console.print(Panel(_accuracy_text(json.loads(acc.read_text())), title="reward model accuracy (test pairs)"))
+    if judge:
+        console.print(f"rl: both runs optimise {judge} (demo.rl_reward_model), not the reward model trained above")
     for name in ("rl-static", "rl-dynamic"):
         log = out / name / "log.jsonl"
         if log.exists():

@@ -295,6 +295,17 @@ class ReplicateConfig:
     validation_per_task: int = 0
 
 
+@dataclass(frozen=True)
+class DemoConfig:
+    """`onereward demo` (without --replicate)."""
+    # Held-out benchmark that eval reports on: this many world triplets per task (other scenes than the
+    # pool and than RL's validation set, with ground truth), or 0 for the pool's test-split samples.
+    benchmark_per_task: int = 0
+    # The reward model both RL runs optimise (and eval's reward-model Good-Same-Bad asks): "" = the one the
+    # demo's train-reward stage has just trained; otherwise a model path, hub id or zoo: spec.
+    rl_reward_model: str = ""
+
+
 def _default_tasks() -> dict[str, TaskConfig]:
     ta, co, st, ae = "text alignment", "consistency", "structure", "aesthetics"
     return {
@@ -322,6 +333,7 @@ class Recipe:
     eval: EvalConfig = EvalConfig()
     text_cache: TextCacheConfig = TextCacheConfig()
     replicate: ReplicateConfig = ReplicateConfig()
+    demo: DemoConfig = DemoConfig()
     # Where the recipe came from (not a user key).
     source: str = field(default="", compare=False)
 
@@ -603,6 +615,7 @@ def validate(r: Recipe) -> Recipe:
     _check(o.resolution is None or (o.resolution > 0 and o.resolution % 16 == 0), "eval.override.resolution",
            "must be a positive multiple of 16, or null")
     _check(r.text_cache.batch_size > 0, "text_cache.batch_size", "must be positive")
+    _check(r.demo.benchmark_per_task >= 0, "demo.benchmark_per_task", "must be >= 0 (0 = the pool's test split)")
     _check(r.replicate.seeds >= 1, "replicate.seeds", "must be >= 1")
     _check(r.replicate.benchmark_per_task >= 1, "replicate.benchmark_per_task", "must be >= 1")
     _check(r.replicate.validation_per_task >= 0, "replicate.validation_per_task", "must be >= 0 (0 = none)")

@@ -338,6 +338,27 @@ def _rich(title: str, header: list[str], rows: list[list[str]]) -> Table:
     return t
 
 
+def seed_mean_curve(series: list[dict[int, float]], window: int) -> tuple[list[int], list[float]]:
+    """Mean over seeds of each seed's moving average (its last `window` logged values at or before each
+    step). A key is logged only on the steps that drew its task, and those steps differ by seed, so the
+    seeds are smoothed first and then averaged at every step where all of them have a value."""
+    if not series:
+        return [], []
+    last = max(max(s) for s in series)
+    per_seed = []
+    for s in series:
+        steps = sorted(s)
+        sm, i = {}, 0
+        for x in range(1, last + 1):
+            while i < len(steps) and steps[i] <= x:
+                i += 1
+            if i:
+                sm[x] = float(np.mean([s[t] for t in steps[max(0, i - window): i]]))
+        per_seed.append(sm)
+    xs = [x for x in range(1, last + 1) if all(x in sm for sm in per_seed)]
+    return xs, [float(np.mean([sm[x] for sm in per_seed])) for x in xs]
+
+
 def plot_curves(seed_dirs: list[Path], path: Path, window: int = 10):
     """Fig. 4: reward per task x dimension (mean over seeds, moving average), static and dynamic, with
     the held-out oracle on a second axis."""
@@ -358,10 +379,8 @@ def plot_curves(seed_dirs: list[Path], path: Path, window: int = 10):
             keys = sorted({k for rew, _ in cs for k in rew if k.endswith("/" + dim)})
             for k in keys:
                 series = [dict(rew[k]) for rew, _ in cs if k in rew]
-                steps = sorted(set.intersection(*[set(s) for s in series])) if series else []
-                ys = [float(np.mean([s[x] for s in series])) for x in steps]
-                sm = [float(np.mean(ys[max(0, i - window + 1): i + 1])) for i in range(len(ys))]
-                ax.plot(steps, sm, color=TASK_COLOURS.get(k.split("/")[0]), label=k.split("/")[0], lw=1.2)
+                steps, ys = seed_mean_curve(series, window)
+                ax.plot(steps, ys, color=TASK_COLOURS.get(k.split("/")[0]), label=k.split("/")[0], lw=1.2)
             ax.set_title(f"{name}: {dim}", fontsize=8)
             ax.set_ylim(0, 1)
             ax.tick_params(labelsize=7)

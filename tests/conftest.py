@@ -24,9 +24,9 @@ def zoo_random(tmp_path_factory):
 @pytest.fixture(scope="session")
 def zoo(zoo_random):
     """Path of the trained zoo (flux-fill/, qwen2.5-vl/, open-clip/), its files checked against the manifest."""
-    from onereward_cli.models.tiny import ZOO_MODELS, trained_zoo_dir, verify_trained
+    from onereward_cli.models.tiny import TRAINED_ONLY, ZOO_MODELS, trained_zoo_dir, verify_trained
 
-    for name in ZOO_MODELS:
+    for name in ZOO_MODELS + TRAINED_ONLY:
         verify_trained(name)
     return trained_zoo_dir()
 

@@ -47,3 +47,21 @@ def test_demo_with_keep_best_selects_on_world_validation_not_the_benchmark(zoo, 
         man = json.loads((out / name / "run.json").read_text())
         assert man["inputs"]["validation"]["path"] == str(val.resolve())
         assert 0 <= man["selected"]["step"] <= 2 and (out / name / "last").is_dir()
+
+
+def test_demo_reports_on_world_triplets_and_optimises_the_judge_it_is_given(zoo, tmp_path):
+    """demo.benchmark_per_task: eval's held-out benchmark is world triplets (with ground truth) apart from
+    the pool; demo.rl_reward_model: both RL runs (and eval's reward-model Good-Same-Bad) use that judge,
+    while train-reward still trains and reports its own."""
+    out = tmp_path / "demo"
+    at_112 = [s for s in SMALL if not s.startswith("reward.image_size")]  # the judge was trained at 112 px
+    demo.run(load_recipe("tiny", at_112 + ["demo.benchmark_per_task=1", "demo.rl_reward_model=zoo:onereward"]), out)
+    bench = out / "data" / "benchmark" / "benchmark.jsonl"
+    recs = [json.loads(x) for x in bench.read_text().splitlines()]
+    assert sorted(r["task"] for r in recs) == ["extend", "extend_no_prompt", "fill", "removal"]
+    assert all("target" in r for r in recs)
+    for name in ("rl-static", "rl-dynamic"):
+        assert json.loads((out / name / "run.json").read_text())["inputs"]["reward_model"]["path"] == "zoo:onereward"
+    assert (out / "reward" / "final" / "config.json").exists()
+    m = json.loads((out / "eval" / "metrics.json").read_text())
+    assert sum(o["oracle"]["n"] for o in (v[m["policies"][0]["label"]] for v in m["summary"].values())) == 4

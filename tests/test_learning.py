@@ -182,3 +182,35 @@ def test_reward_model_learns_a_held_out_rule_and_shuffled_labels_do_not(tmp_path
     print(f"reward margins: {margin}")
     assert margin[False] >= 0.5, margin
     assert margin[True] < 0.2 and margin["base"] < 0.2, margin
+
+
+def _world_oracle_run(tmp_path, lr: float, steps: int, seed: int = 0) -> tuple[float, float]:
+    """RL (static) against the shipped judge on world triplets; the held-out oracle on other scenes
+    before and after `steps` steps."""
+    from onereward_cli.pretrain import world
+
+    r = load_recipe("demo", [f"rl.lr={lr}", "rl.lr_warmup=0", f"seed={seed}"])
+    cfg = world.WorldConfig.from_recipe(r)
+    tasks = [k for k, v in r.tasks.items() if v.probability > 0]
+    train = world.write_benchmark(tmp_path / "train", {k: 6 for k in tasks}, cfg, seed=seed, namespace="train")
+    val = world.write_benchmark(tmp_path / "val", {k: 4 for k in tasks}, cfg, seed=seed, namespace="validation")
+    held = rl.load_conditions(r, val)
+    tr = rl.Trainer(r, rl.load_conditions(r, train), r.demo.rl_reward_model, dynamic=False, extra_conds=held)
+    before = rl.heldout_oracle(tr, held, n=len(held))
+    _train(tr, steps)
+    return before, rl.heldout_oracle(tr, held, n=len(held))
+
+
+def test_rl_on_the_shipped_judge_raises_the_held_out_oracle_and_lr_to_zero_does_not(tmp_path, zoo):
+    """Guards the demo's claim that RL improves the policy: 10 static steps against zoo:onereward (the
+    judge `make demo` optimises) raise the synthetic oracle's score of full rollouts on 16 world triplets
+    that RL never sees; the same run at lr -> 0 leaves it where it started. Breaks when the optimizer step,
+    the gradient into the LoRA, or the judge's signal is lost (zoo:qwen2.5-vl, the untuned base, as the
+    judge instead: see CHANGELOG)."""
+    b_hi, a_hi = _world_oracle_run(tmp_path / "hi", 3e-4, 10)
+    b_lo, a_lo = _world_oracle_run(tmp_path / "lo", 1e-12, 10)
+    print(f"held-out oracle: lr 3e-4 {b_hi:.4f} -> {a_hi:.4f}; lr 1e-12 {b_lo:.4f} -> {a_lo:.4f}")
+    assert b_hi == pytest.approx(b_lo, abs=1e-6)  # same base, same held-out rollouts
+    assert abs(a_lo - b_lo) < 1e-4
+    # Measured: +0.0062 (seeds 1, 2 of the same test: +0.0042, +0.0127); the untuned base as judge: -0.0047.
+    assert a_hi - a_lo > 0.003

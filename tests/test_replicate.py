@@ -58,3 +58,17 @@ def test_rl_selects_on_the_validation_set_not_the_benchmark(one_seed):
         assert 0 <= sel["step"] <= 2 and (seed / name / "last").is_dir()
         _, held = replicate.curves(seed, name)
         assert held[0] == (0, sel["start_heldout_oracle"]) and [s for s, _ in held] == [0, 1, 2]
+
+
+def test_seed_mean_curve_averages_seeds_that_log_a_key_on_different_steps():
+    """Each seed logs a task's reward only on the steps that drew that task, and the steps differ by seed:
+    the Fig. 4 curve must still cover the run (the plot that intersected the steps across seeds was empty)."""
+    from onereward_cli.replicate import seed_mean_curve
+
+    a = {1: 0.0, 3: 1.0, 5: 1.0}
+    b = {2: 0.5, 4: 0.5, 6: 0.5}
+    xs, ys = seed_mean_curve([a, b], window=2)
+    assert xs == [2, 3, 4, 5, 6]  # from the first step where both seeds have a value to the last
+    assert ys[0] == pytest.approx((0.0 + 0.5) / 2)  # step 2: a's mean of {0.0}, b's {0.5}
+    assert ys[1] == pytest.approx((0.5 + 0.5) / 2)  # step 3: a's last two {0.0, 1.0}
+    assert ys[-1] == pytest.approx((1.0 + 0.5) / 2)

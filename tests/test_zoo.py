@@ -153,3 +153,38 @@ def test_resolve_random_and_trained_zoo(zoo, zoo_random):
     assert resolve_model_path("zoo:qwen2.5-vl") == str(zoo / "qwen2.5-vl")
     with pytest.raises(InputError, match="unknown zoo model"):
         resolve_model_path("zoo-random:nope")
+
+
+def test_the_shipped_judge_resolves_loads_and_has_no_random_build(zoo):
+    """zoo:onereward (the tiny OneReward judge the demo's RL optimises) is in the trained zoo, hash-checked,
+    and loads through RewardScorer like any trained reward model; asking for a random one is an error."""
+    import torch
+
+    from onereward_cli.recipe import load_recipe
+    from onereward_cli.reward import RewardScorer
+
+    assert resolve_model_path("zoo:onereward") == str(zoo / "onereward")
+    r = load_recipe("demo")
+    sc = RewardScorer.load(r.demo.rl_reward_model, r.reward)
+    assert sc.trained_with["query_mode"] == "full" and sc.trained_with["image_size"] == r.reward.image_size
+    x = torch.rand(2, 3, 64, 64)
+    p = sc.p_yes(x, x.flip(0), [["Is the first image better?"]] * 2)
+    assert all(0 < float(v) < 1 for v in torch.cat(p))
+    with pytest.raises(InputError, match="no random build"):
+        resolve_model_path("zoo-random:onereward")
+
+
+def test_add_judge_puts_a_reward_model_into_a_zoo_and_rehashes(zoo, tmp_path):
+    import json
+    import shutil
+
+    from onereward_cli.models.tiny import add_judge, verify_trained
+
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo, copy, ignore=shutil.ignore_patterns("onereward"))
+    with pytest.raises(InputError, match="not a reward model folder"):
+        add_judge(copy / "qwen2.5-vl", copy)
+    add_judge(zoo / "onereward", copy)
+    assert verify_trained("onereward", copy) == copy / "onereward"
+    man = json.loads((copy / "manifest.json").read_text())
+    assert man["judge"]["reward"]["query_mode"] == "full" and "budget" in man  # pretrain's record kept

@@ -10,6 +10,9 @@ Two zoos share these architectures:
     zoo:NAME          the trained zoo shipped with the package (onereward_cli/zoo/, trained on the
                       synthetic world by `python -m onereward_cli.pretrain`; sha256 in manifest.json)
     zoo-random:NAME   the random-init build, cached under $ONEREWARD_ZOO (fast, bit-exact rebuilds)
+    zoo:onereward     trained zoo only: a tiny OneReward judge (Qwen2.5-VL), what `demo --replicate` seed 1
+                      trains with the full Fig. 3 query; the demo's RL optimises it, as a user's RL would
+                      start from the released OneReward weights (no random build: it is not a base model)
 
 Layout of a zoo directory:
     flux-fill/        FluxFillPipeline (transformer, vae, CLIP + T5 text encoders, tokenizers, scheduler)
@@ -26,6 +29,10 @@ from pathlib import Path
 
 ZOO_VERSION = "2"  # bump when an architecture, tokenizer or processor changes
 ZOO_MODELS = ("flux-fill", "qwen2.5-vl", "open-clip")
+# Trained by the pipeline itself, not by `pretrain`: in the shipped zoo's manifest, never built at random.
+TRAINED_ONLY = ("onereward",)
+JUDGE_RECIPE = ("onereward demo --replicate --out R --set seed=1 --set replicate.seeds=1 "
+                "--set reward.eval_every=200 --set reward.save_every=200  ->  R/seed-1/reward-full/final")
 
 # The Qwen2-VL chat template semantics for our use (system turn inserted, images as vision pads).
 CHAT_TEMPLATE = (
@@ -321,7 +328,7 @@ def file_sha256(path: Path) -> str:
 def write_trained_manifest(root: Path, info: dict | None = None) -> Path:
     """manifest.json: every file of every model folder under `root` with its size and sha256."""
     files = {}
-    for name in ZOO_MODELS:
+    for name in ZOO_MODELS + TRAINED_ONLY:  # a rebuilt zoo has no judge folder until add_judge puts one
         for f in sorted((root / name).rglob("*")):
             if f.is_file():
                 rel = f.relative_to(root).as_posix()
@@ -367,6 +374,7 @@ def copy_trained_zoo(out, force: bool = False) -> Path:
         raise InputError("exists and is not a folder", path=out)
     src = trained_zoo_dir()
     names = [verify_trained(n, src) for n in ZOO_MODELS]
+    names += [verify_trained(n, src) for n in TRAINED_ONLY if (src / n).is_dir()]
     clash = [n.name for n in names if (out / n.name).exists()]
     if clash and not force:
         raise InputError(f"already holds {', '.join(clash)}; pass --force to overwrite", path=out)
@@ -387,10 +395,56 @@ def resolve_model_path(spec: str) -> str:
     for prefix in ("zoo:", "zoo-random:"):
         if spec.startswith(prefix):
             name = spec[len(prefix):]
-            if name not in ZOO_MODELS:
-                from ..errors import InputError
-                raise InputError(f"unknown zoo model '{name}'; zoo models: {', '.join(ZOO_MODELS)}", field="models")
+            from ..errors import InputError
+            if prefix == "zoo-random:" and name in TRAINED_ONLY:
+                raise InputError(f"'{name}' is trained by the pipeline and has no random build; use zoo:{name}",
+                                 field="models")
+            if name not in ZOO_MODELS + TRAINED_ONLY:
+                raise InputError(f"unknown zoo model '{name}'; zoo models: {', '.join(ZOO_MODELS + TRAINED_ONLY)}",
+                                 field="models")
             if prefix == "zoo:":
+                if name in TRAINED_ONLY and not (trained_zoo_dir() / name).is_dir():
+                    raise InputError(f"the trained zoo at {trained_zoo_dir()} has no '{name}' judge; make one with "
+                                     f"`{JUDGE_RECIPE}` and add it with `python -m onereward_cli.models.tiny "
+                                     f"add-judge R/seed-1/reward-full/final`", field="models")
                 return str(verify_trained(name))
             return str(build_zoo(only=[name]) / name)
     return spec
+
+
+def add_judge(src, root: Path | None = None) -> Path:
+    """Copy a trained reward model folder into the trained zoo as `onereward` and rewrite the manifest's
+    hashes (the other models' entries are recomputed from their files, so they are checked first)."""
+    from ..errors import InputError
+
+    src, root = Path(src), Path(root) if root else trained_zoo_dir()
+    if not (src / "config.json").is_file() or not (src / "onereward_reward.json").is_file():
+        raise InputError("not a reward model folder (config.json and onereward_reward.json expected)", path=src)
+    for n in ZOO_MODELS:
+        verify_trained(n, root)
+    man = json.loads((root / TRAINED_MANIFEST).read_text())
+    tmp = root / f".onereward.copying-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(".*"))
+    _put_in_place(tmp, root / "onereward")
+    info = {k: v for k, v in man.items() if k not in ("files", "zoo_version")}
+    info["judge"] = {"made_by": JUDGE_RECIPE, "reward": json.loads((src / "onereward_reward.json").read_text())}
+    acc = src.parent / "accuracy.json"
+    if acc.is_file():
+        info["judge"]["test_accuracy"] = json.loads(acc.read_text())["overall"]
+    _verified.clear()
+    return write_trained_manifest(root, info)
+
+
+if __name__ == "__main__":  # python -m onereward_cli.models.tiny add-judge SRC [ZOO]
+    import sys
+
+    if len(sys.argv) not in (3, 4) or sys.argv[1] != "add-judge":
+        sys.exit("usage: python -m onereward_cli.models.tiny add-judge REWARD_MODEL_DIR [ZOO_DIR]")
+    from ..errors import InputError
+
+    try:
+        print(add_judge(sys.argv[2], Path(sys.argv[3]) if len(sys.argv) == 4 else None))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
