@@ -63,7 +63,10 @@ def write_conditions(candidates_dir: Path, keep_ids: set[str], out: Path) -> Pat
 
 
 def run(recipe, out, replicate: bool = False):
+    import math
+
     from . import annotate, curate, evaluate, generate, pairs, rl, synth, train_reward
+    from .pretrain import world
 
     out = Path(out)
     marker = out / ".onereward-demo"
@@ -111,21 +114,18 @@ def run(recipe, out, replicate: bool = False):
         train_reward.run(recipe, pairs_dir, out / "reward", resume=False)
     reward_model = recipe.demo.rl_reward_model or str(out / "reward" / "final")
     conds = write_conditions(out / "candidates", train_ids, out / "data" / "rl_conditions.jsonl")
-    import math
-
-    from .pretrain import world
-
     tasks = [k for k, v in recipe.tasks.items() if v.probability > 0]
+    wcfg = world.WorldConfig.from_recipe(recipe)
     if recipe.demo.benchmark_per_task:  # world triplets: scenes neither the pool nor validation holds
         bench = world.write_benchmark(out / "data" / "benchmark", {k: recipe.demo.benchmark_per_task for k in tasks},
-                                      world.WorldConfig.from_recipe(recipe), seed=recipe.seed)
+                                      wcfg, seed=recipe.seed)
     else:
         bench = write_benchmark(out / "candidates", test_ids, out / "data" / "benchmark.jsonl")
     heldout = bench
     if recipe.rl.keep_best:  # select on other scenes than the benchmark eval reports: world triplets
         per = {k: math.ceil(recipe.rl.heldout_n / len(tasks)) for k in tasks}
-        heldout = world.write_benchmark(out / "data" / "validation", per, world.WorldConfig.from_recipe(recipe),
-                                        seed=recipe.seed, namespace="validation")
+        heldout = world.write_benchmark(out / "data" / "validation", per, wcfg, seed=recipe.seed,
+                                        namespace="validation")
     with _stage("rl (static, Alg. 1)", t):
         rl.run(recipe, conds, out / "rl-static", reward_model=reward_model, dynamic=False, heldout=heldout)
     with _stage("rl --dynamic (Alg. 2)", t):
