@@ -4,12 +4,14 @@
         [--reward reward.lr=3e-4 --reward reward.lr=1e-3 ...] [--rl rl.lr=1e-12 --rl rl.lr=1e-3 ...] [--set k=v ...]
 
 SEED_DIR is one seed of `onereward demo --replicate` whose data phases are done (data/pairs,
-data/rl_conditions.jsonl, benchmark/, validation/). Each `--reward` setting trains a full-query reward model
+data/rl_conditions.jsonl, benchmark/, validation/); `--build-data` runs those phases first (named seed-N,
+the seed is N), so an RL sweep with `--reward-model zoo:onereward` needs no reward training. Each `--reward` setting trains a full-query reward model
 on that seed's pairs and reports held-out accuracy (mean over Table 1 cells, as the replication does); each
 `--rl` setting runs static RL (Alg. 1) with the best reward model, logging the held-out oracle on the seed's
 validation set (what rl.keep_best selects on), and reports the mean reward of the first and last steps,
 the validation curve, the step policy/ holds and, with --benchmark, that policy's oracle score on the seed's
-benchmark against the base model's (the number Table 2 reports). Include `rl.lr=1e-12` as the control: a
+benchmark against the base model's (the number Table 2 reports). A setting that contains the bare word `dynamic` runs Alg. 2 (EMA reference) instead of Alg. 1.
+Include `rl.lr=1e-12` as the control: a
 setting is only an improvement where it beats the control, not a running mean. Writes DIR/sweep.{json,md}.
 """
 from __future__ import annotations
@@ -42,7 +44,12 @@ def main(argv=None) -> int:
     p.add_argument("--rl", action="append", default=[], help="one rl setting, comma-separated k=v")
     p.add_argument("--reward-model", default=None, help="use this reward model for the rl sweep")
     p.add_argument("--benchmark", action="store_true", help="score each rl policy/ on the seed's benchmark")
+    p.add_argument("--build-data", action="store_true", help="run the seed's data phases first (resumable)")
     a = p.parse_args(argv)
+    if a.build_data:
+        from onereward_cli.replicate import run_data_phases
+
+        run_data_phases(load_recipe(a.recipe, [f"seed={int(a.seed_dir.name.rsplit('-', 1)[-1])}", *a.sets]), a.seed_dir)
     val = a.seed_dir / "validation" / "validation.jsonl"
     heldout = val if val.exists() else a.seed_dir / "benchmark" / "benchmark.jsonl"
     seed = json.loads((a.seed_dir / "seed.json").read_text())["seed"] if (a.seed_dir / "seed.json").exists() \
@@ -66,11 +73,12 @@ def main(argv=None) -> int:
     best = best or str(a.seed_dir / "reward-full" / "final")
     res["rl_reward_model"] = best
     for k, setting in enumerate(a.rl):
-        r = load_recipe(a.recipe, base + setting.split(","))
+        keys = [x for x in setting.split(",") if x and x != "dynamic"]
+        r = load_recipe(a.recipe, base + keys)
         out = a.out / f"rl-{k}"
         if not (out / "policy").exists():
             rl.run(r, a.seed_dir / "data" / "rl_conditions.jsonl", out, reward_model=best,
-                   heldout=heldout, resume=(out / "checkpoints").exists())
+                   dynamic="dynamic" in setting.split(","), heldout=heldout, resume=(out / "checkpoints").exists())
         log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
         w = max(1, len(log) // 5)
         held = [x["heldout_oracle"] for x in log if "heldout_oracle" in x]

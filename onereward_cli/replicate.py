@@ -83,9 +83,10 @@ class _Phases:
         write_json(self.file, self.done)
 
 
-def run_seed(recipe, root: Path):
-    """Every phase of one seed under `root` (resumable: a finished phase is skipped)."""
-    from . import annotate, curate, evaluate, generate, pairs, rl, synth, train_reward
+def run_data_phases(recipe, root: Path) -> tuple["_Phases", Path, Path]:
+    """The phases of one seed that need no reward model: synthetic pool, curation, candidates, oracle labels,
+    pairs, benchmark and validation triplets, RL conditions. Returns (phases, benchmark, RL's held-out set)."""
+    from . import annotate, curate, generate, pairs, synth
     from .demo import write_conditions
     from .pretrain import world
 
@@ -111,6 +112,21 @@ def run_seed(recipe, root: Path):
         ph.run("validation", lambda: world.write_benchmark(root / "validation", val_n, cfg, seed=r.seed,
                                                            namespace="validation"))
         heldout = root / "validation" / "validation.jsonl"
+    train_ids = {p["sample_id"] for p in read_jsonl(pairs_dir / "train.jsonl")}
+    conds = root / "data" / "rl_conditions.jsonl"
+    if not conds.exists():
+        write_conditions(root / "candidates", train_ids, conds)
+    return ph, bench, heldout
+
+
+def run_seed(recipe, root: Path):
+    """Every phase of one seed under `root` (resumable: a finished phase is skipped)."""
+    from . import evaluate, rl, train_reward
+
+    r = recipe
+    ph, bench, heldout = run_data_phases(r, root)
+    pairs_dir = root / "data" / "pairs"
+    conds = root / "data" / "rl_conditions.jsonl"
     for m in MODES:
         r_m = dataclasses.replace(r, reward=dataclasses.replace(r.reward, query_mode=m))
         out = root / f"reward-{m}"
@@ -119,10 +135,6 @@ def run_seed(recipe, root: Path):
     reward_model = str(root / "reward-full" / "final")
     ph.run("fixed query (Table 4)", lambda: fixed_query_report(r, reward_model, pairs_dir / "test.jsonl",
                                                                root / "reward-full"))
-    train_ids = {p["sample_id"] for p in read_jsonl(pairs_dir / "train.jsonl")}
-    conds = root / "data" / "rl_conditions.jsonl"
-    if not conds.exists():
-        write_conditions(root / "candidates", train_ids, conds)
     for name, dynamic in (("rl-static", False), ("rl-dynamic", True)):
         out = root / name
         ph.run(name, lambda out=out, dynamic=dynamic: rl.run(r, conds, out, reward_model=reward_model, dynamic=dynamic,

@@ -2,8 +2,8 @@
 
     .venv/bin/python scripts/demo_pictures.py [demo-out] [--docs docs]
 
-Writes docs/demo-edits.png (per task: source with the mask outlined, then each policy's edit, from
-eval/images) and copies the demo's accuracy, reward-curve and oracle plots to docs/demo-*.png.
+Writes docs/demo-edits.png (per task: source with the mask tinted, the synthetic ground truth where the
+benchmark has one, then each policy's edit from eval/images, base first) and copies the demo's accuracy, reward-curve and oracle plots to docs/demo-*.png.
 """
 from __future__ import annotations
 
@@ -15,12 +15,25 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 
+def _resolve(demo: Path, p: Path) -> Path:
+    """metrics.json records the benchmark as the demo saw it (often relative to where it ran): try that,
+    then the same path under the demo folder with its leading components dropped."""
+    if p.is_absolute() or p.exists():
+        return p
+    for k in range(1, len(p.parts)):
+        q = demo.joinpath(*p.parts[k:])
+        if q.exists():
+            return q
+    raise SystemExit(f"{demo}/eval/metrics.json: benchmark {p} not found (run from the demo's folder)")
+
+
 def edits_grid(demo: Path, out: Path, per_task: int = 2, scale: int = 3) -> Path:
     ev = demo / "eval"
     m = json.loads((ev / "metrics.json").read_text())
-    labels = [p["label"] for p in m["policies"]]
-    bench = [json.loads(x) for x in (Path(m["benchmark"])).read_text().splitlines() if x.strip()]
-    root = Path(m["benchmark"]).parent
+    labels = sorted((p["label"] for p in m["policies"]), key=lambda n: (n.startswith("rl-"), n))
+    bench_file = _resolve(demo, Path(m["benchmark"]))
+    bench = [json.loads(x) for x in bench_file.read_text().splitlines() if x.strip()]
+    root = bench_file.parent
     rows, seen = [], {}
     for rec in bench:
         t = rec["task"]
@@ -28,11 +41,13 @@ def edits_grid(demo: Path, out: Path, per_task: int = 2, scale: int = 3) -> Path
             continue
         seen[t] = seen.get(t, 0) + 1
         rows.append(rec)
+    truth = any("target" in r for r in rows)
+    cols = ["source + mask"] + (["ground truth"] if truth else []) + labels
     cell = 64 * scale
     head = 18
-    grid = Image.new("RGB", (cell * (1 + len(labels)), head + cell * len(rows)), "white")
+    grid = Image.new("RGB", (cell * len(cols), head + cell * len(rows)), "white")
     d = ImageDraw.Draw(grid)
-    for j, name in enumerate(["source + mask"] + labels):
+    for j, name in enumerate(cols):
         d.text((j * cell + 4, 3), name[:30], fill="black")
     for i, rec in enumerate(rows):
         src = Image.open(root / rec["source"]).convert("RGB")
@@ -44,11 +59,13 @@ def edits_grid(demo: Path, out: Path, per_task: int = 2, scale: int = 3) -> Path
         y = head + i * cell
         grid.paste(src, (0, y))
         d.text((4, y + 2), rec["task"], fill="white")
-        for j, name in enumerate(labels):
-            f = ev / "images" / name / f"{rec['id']}.png"
-            if f.exists():
+        d.text((4, y + cell - 14), (rec.get("prompt") or "(no prompt)")[:30], fill="white")
+        files = ([root / rec["target"] if "target" in rec else None] if truth else []) + [
+            ev / "images" / name / f"{rec['id']}.png" for name in labels]
+        for j, f in enumerate(files, start=1):
+            if f is not None and f.exists():
                 im = Image.open(f).convert("RGB")
-                grid.paste(im.resize((cell, cell * im.height // im.width), Image.NEAREST), ((j + 1) * cell, y))
+                grid.paste(im.resize((cell, cell * im.height // im.width), Image.NEAREST), (j * cell, y))
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     return out

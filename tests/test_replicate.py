@@ -72,3 +72,25 @@ def test_seed_mean_curve_averages_seeds_that_log_a_key_on_different_steps():
     assert ys[0] == pytest.approx((0.0 + 0.5) / 2)  # step 2: a's mean of {0.0}, b's {0.5}
     assert ys[1] == pytest.approx((0.5 + 0.5) / 2)  # step 3: a's last two {0.0, 1.0}
     assert ys[-1] == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_sweep_builds_a_seeds_data_without_reward_training_and_runs_dynamic_rl(tmp_path, zoo):
+    """benchmarks/replicate_sweep.py --build-data runs only the phases that need no reward model (an RL sweep
+    against zoo:onereward then trains none), and a setting with the bare word `dynamic` runs Alg. 2.
+    Guards the data/model split of run_seed and the sweep's dynamic switch (run.json's mode says which)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "replicate_sweep", Path(__file__).resolve().parent.parent / "benchmarks" / "replicate_sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    seed = tmp_path / "seed-3"
+    sets = [f"--set={k}" for k in TOY]
+    assert sweep.main([str(seed), "--out", str(tmp_path / "sw"), "--build-data", "--reward-model", "zoo:onereward",
+                       "--rl", "dynamic,rl.steps=1", *sets]) == 0
+    phases = json.loads((seed / "phases.json").read_text())
+    assert list(phases) == ["synth", "curate", "generate", "annotate", "export-pairs", "benchmark", "validation"]
+    assert (seed / "data" / "rl_conditions.jsonl").exists() and not list(seed.glob("reward-*"))
+    man = json.loads((tmp_path / "sw" / "rl-0" / "run.json").read_text())
+    assert man["mode"] == "dynamic (Alg. 2)"
