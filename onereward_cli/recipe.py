@@ -293,6 +293,9 @@ class ReplicateConfig:
     # Validation triplets per task (other scenes than the benchmark's): RL's held-out oracle is logged on
     # these, and rl.keep_best selects on them, so the reported benchmark stays unseen. 0 = use the benchmark.
     validation_per_task: int = 0
+    # Seeds run at once, each in its own process at one thread (a 2-core machine: 2-3 seeds side by side
+    # beat one seed at two threads). 1 = one seed after another in this process.
+    jobs: int = 1
 
 
 @dataclass(frozen=True)
@@ -619,6 +622,7 @@ def validate(r: Recipe) -> Recipe:
     _check(r.replicate.seeds >= 1, "replicate.seeds", "must be >= 1")
     _check(r.replicate.benchmark_per_task >= 1, "replicate.benchmark_per_task", "must be >= 1")
     _check(r.replicate.validation_per_task >= 0, "replicate.validation_per_task", "must be >= 0 (0 = none)")
+    _check(r.replicate.jobs >= 1, "replicate.jobs", "must be >= 1 (1 = one seed after another)")
     return r
 
 

@@ -497,17 +497,55 @@ def _json_safe(o):
     return o
 
 
+def run_seeds_in_processes(work: list[tuple[object, Path]], jobs: int) -> None:
+    """Each (recipe, seed dir) in a child process (`python -m onereward_cli.replicate`), `jobs` at a time,
+    one thread each; a child's output goes to SEED_DIR/replicate.log. Resumable like run_seed."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from .errors import InputError, TrainingAborted
+    from .recipe import to_plain
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    queue, running, failed = list(work), [], []
+    while queue or running:
+        while queue and len(running) < jobs:
+            r, d = queue.pop(0)
+            d.mkdir(parents=True, exist_ok=True)
+            write_text(d / "recipe.yaml", yaml.safe_dump(to_plain(r), sort_keys=False))
+            log = open(d / "replicate.log", "a")
+            cmd = [sys.executable, "-m", "onereward_cli.replicate", str(d / "recipe.yaml"), str(d)]
+            running.append((d, log, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+            console.print(f"replicate: {d.name} in process {running[-1][2].pid} (log: {d / 'replicate.log'})")
+        time.sleep(1.0)
+        for item in list(running):
+            d, log, proc = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                if proc.returncode != 0:
+                    failed.append((f"{d.name} (exit {proc.returncode}, see {d / 'replicate.log'})", proc.returncode))
+                else:
+                    console.print(f"replicate: {d.name} done")
+    if failed:  # a child exits 2 on bad input (as the CLI does), else the run stopped: exit 3 with the logs
+        msg = "replicate.jobs: seed(s) failed: " + "; ".join(f for f, _ in failed) + "; re-run to resume them"
+        raise (InputError if all(c == 2 for _, c in failed) else TrainingAborted)(msg, path=work[0][1].parent)
+
+
 def run(recipe, out, seeds: int | None = None) -> Path:
     """Run (or resume) every seed under OUT/seed-N, then aggregate into OUT/replication.{md,json}."""
     out = Path(out)
     n = seeds or recipe.replicate.seeds
-    dirs = []
-    for k in range(n):
-        s = recipe.seed + k
-        r = dataclasses.replace(recipe, seed=s)
-        d = out / f"seed-{s}"
-        run_seed(r, d)
-        dirs.append(d)
+    work = [(dataclasses.replace(recipe, seed=recipe.seed + k), out / f"seed-{recipe.seed + k}") for k in range(n)]
+    if recipe.replicate.jobs > 1 and n > 1:
+        run_seeds_in_processes(work, recipe.replicate.jobs)
+    else:
+        for r, d in work:
+            run_seed(r, d)
+    dirs = [d for _, d in work]
     res = aggregate(dirs)
     write_json(out / "replication.json", _json_safe(res))
     plot_accuracy(res, out / "accuracy.png")
@@ -515,3 +553,30 @@ def run(recipe, out, seeds: int | None = None) -> Path:
     md = report(res, out, recipe)
     console.print(f"replication report: {md}")
     return md
+
+
+def main(argv=None) -> int:
+    """`python -m onereward_cli.replicate RECIPE SEED_DIR`: one seed's phases (what replicate.jobs runs)."""
+    import sys
+
+    from .recipe import load_recipe
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m onereward_cli.replicate RECIPE SEED_DIR", file=sys.stderr)
+        return 2
+    from .errors import InputError, TrainingAborted
+
+    try:
+        run_seed(load_recipe(args[0]), Path(args[1]))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingAborted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -94,3 +94,24 @@ def test_sweep_builds_a_seeds_data_without_reward_training_and_runs_dynamic_rl(t
     assert (seed / "data" / "rl_conditions.jsonl").exists() and not list(seed.glob("reward-*"))
     man = json.loads((tmp_path / "sw" / "rl-0" / "run.json").read_text())
     assert man["mode"] == "dynamic (Alg. 2)"
+
+
+def test_jobs_runs_each_seed_in_its_own_process_and_aggregates_them(tmp_path, zoo):
+    """replicate.jobs > 1: every seed's phases run in a child process (its recipe and log in its folder),
+    and the parent aggregates all of them. Guards the child entry point and the recipe round trip."""
+    out = tmp_path / "rep"
+    md = replicate.run(load_recipe("replicate", TOY + ["replicate.seeds=2", "replicate.jobs=2"]), out)
+    for s in (0, 1):
+        d = out / f"seed-{s}"
+        assert "ground truth" in json.loads((d / "phases.json").read_text())
+        assert load_recipe(str(d / "recipe.yaml")).seed == s and (d / "replicate.log").exists()
+    assert "seed-0, seed-1" in md.read_text()
+
+
+def test_jobs_a_failing_seed_is_one_error_naming_its_log(tmp_path, zoo):
+    """A child that fails on bad input exits 2 and the parent raises one InputError naming the seed's log."""
+    from onereward_cli.errors import InputError
+
+    r = load_recipe("replicate", TOY + ["replicate.seeds=2", "replicate.jobs=2", "models.policy=/nonexistent/flux"])
+    with pytest.raises(InputError, match=r"seed-0 \(exit 2, see .*seed-0/replicate.log\)"):
+        replicate.run(r, tmp_path / "rep")
