@@ -13,6 +13,7 @@ Per seed, with every stage the CLI runs (same code):
       (Table 2 role: oracle score per task, the ground truth as the ceiling; Fig. 7 role: Good-Same-Bad
       against base, judged by the oracle and by the reward model)
 Across seeds every figure is reported as mean +- the 95 % t-interval. A re-run skips finished phases.
+With replicate.jobs > 1 the seeds run side by side, each in a child process at one thread.
 It reports what comes out, whatever it is; nothing here is tuned per seed.
 """
 from __future__ import annotations
