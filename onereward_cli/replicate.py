@@ -498,6 +498,13 @@ def _json_safe(o):
     return o
 
 
+def _finished_phases(d: Path) -> list[str]:
+    try:
+        return list(json.loads((d / "phases.json").read_text()))
+    except (OSError, ValueError):  # not written yet (the writes are atomic, so never half a file)
+        return []
+
+
 def run_seeds_in_processes(work: list[tuple[object, Path]], jobs: int) -> None:
     """Each (recipe, seed dir) in a child process (`python -m onereward_cli.replicate`), `jobs` at a time,
     one thread each; a child's output goes to SEED_DIR/replicate.log. Resumable like run_seed."""
@@ -511,7 +518,7 @@ def run_seeds_in_processes(work: list[tuple[object, Path]], jobs: int) -> None:
     from .recipe import to_plain
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    queue, running, failed = list(work), [], []
+    queue, running, failed, seen = list(work), [], [], {}
     while queue or running:
         while queue and len(running) < jobs:
             r, d = queue.pop(0)
@@ -524,6 +531,10 @@ def run_seeds_in_processes(work: list[tuple[object, Path]], jobs: int) -> None:
         time.sleep(1.0)
         for item in list(running):
             d, log, proc = item
+            done = _finished_phases(d)  # one line per finished phase, so a 20-minute run shows progress
+            for name in done[seen.get(d, 0):]:
+                console.print(f"replicate: {d.name}: {name} done")
+            seen[d] = len(done)
             if proc.poll() is not None:
                 log.close()
                 running.remove(item)
