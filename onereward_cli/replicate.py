@@ -509,16 +509,32 @@ def run_seeds_in_processes(work: list[tuple[object, Path]], jobs: int) -> None:
     """Each (recipe, seed dir) in a child process (`python -m onereward_cli.replicate`), `jobs` at a time,
     one thread each; a child's output goes to SEED_DIR/replicate.log. Resumable like run_seed."""
     import os
+
+    from .errors import InputError, TrainingAborted
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    queue, running, failed, seen = list(work), [], [], {}
+    try:
+        _run_queue(queue, running, failed, seen, jobs, env)
+    finally:  # Ctrl-C or an error here: no child outlives the parent (a re-run resumes their phases)
+        for _, log, proc in running:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait()
+            log.close()
+    if failed:  # a child exits 2 on bad input (as the CLI does), else the run stopped: exit 3 with the logs
+        msg = "replicate.jobs: seed(s) failed: " + "; ".join(f for f, _ in failed) + "; re-run to resume them"
+        raise (InputError if all(c == 2 for _, c in failed) else TrainingAborted)(msg, path=work[0][1].parent)
+
+
+def _run_queue(queue, running, failed, seen, jobs, env):
     import subprocess
     import sys
 
     import yaml
 
-    from .errors import InputError, TrainingAborted
     from .recipe import to_plain
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    queue, running, failed, seen = list(work), [], [], {}
     while queue or running:
         while queue and len(running) < jobs:
             r, d = queue.pop(0)
@@ -542,9 +558,6 @@ def run_seeds_in_processes(work: list[tuple[object, Path]], jobs: int) -> None:
                     failed.append((f"{d.name} (exit {proc.returncode}, see {d / 'replicate.log'})", proc.returncode))
                 else:
                     console.print(f"replicate: {d.name} done")
-    if failed:  # a child exits 2 on bad input (as the CLI does), else the run stopped: exit 3 with the logs
-        msg = "replicate.jobs: seed(s) failed: " + "; ".join(f for f, _ in failed) + "; re-run to resume them"
-        raise (InputError if all(c == 2 for _, c in failed) else TrainingAborted)(msg, path=work[0][1].parent)
 
 
 def run(recipe, out, seeds: int | None = None) -> Path:

@@ -115,3 +115,24 @@ def test_jobs_a_failing_seed_is_one_error_naming_its_log(tmp_path, zoo):
     r = load_recipe("replicate", TOY + ["replicate.seeds=2", "replicate.jobs=2", "models.policy=/nonexistent/flux"])
     with pytest.raises(InputError, match=r"seed-0 \(exit 2, see .*seed-0/replicate.log\)"):
         replicate.run(r, tmp_path / "rep")
+
+
+def test_jobs_interrupted_leaves_no_child_running(tmp_path, zoo, monkeypatch):
+    """Ctrl-C in the parent terminates every child seed at once (a re-run resumes them): none is left running
+    or waited out. Fails if the parent only waits for its children."""
+    import subprocess
+
+    started, real = [], subprocess.Popen
+
+    def popen(*a, **k):
+        started.append(real(*a, **k))
+        return started[-1]
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(replicate.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        replicate.run(load_recipe("replicate", TOY + ["replicate.seeds=2", "replicate.jobs=2"]), tmp_path / "rep")
+    assert len(started) == 2 and all(p.poll() is not None and p.returncode < 0 for p in started)  # terminated
