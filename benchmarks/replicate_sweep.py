@@ -31,6 +31,11 @@ def _cells(acc: dict, key: str) -> float:
     return float(np.mean(cells)) if cells else float("nan")
 
 
+def _dir_seed(seed_dir: Path) -> int:
+    """seed-N -> N (how `demo --replicate` names its seed folders)."""
+    return int(seed_dir.name.rsplit("-", 1)[-1])
+
+
 def main(argv=None) -> int:
     from onereward_cli import rl, train_reward
     from onereward_cli.recipe import load_recipe
@@ -49,11 +54,11 @@ def main(argv=None) -> int:
     if a.build_data:
         from onereward_cli.replicate import run_data_phases
 
-        run_data_phases(load_recipe(a.recipe, [f"seed={int(a.seed_dir.name.rsplit('-', 1)[-1])}", *a.sets]), a.seed_dir)
+        run_data_phases(load_recipe(a.recipe, [f"seed={_dir_seed(a.seed_dir)}", *a.sets]), a.seed_dir)
     val = a.seed_dir / "validation" / "validation.jsonl"
     heldout = val if val.exists() else a.seed_dir / "benchmark" / "benchmark.jsonl"
     seed = json.loads((a.seed_dir / "seed.json").read_text())["seed"] if (a.seed_dir / "seed.json").exists() \
-        else int(a.seed_dir.name.rsplit("-", 1)[-1])
+        else _dir_seed(a.seed_dir)
     base = [f"seed={seed}", *a.sets]
     a.out.mkdir(parents=True, exist_ok=True)
     res = {"seed_dir": str(a.seed_dir), "reward": [], "rl": []}
@@ -73,12 +78,12 @@ def main(argv=None) -> int:
     best = best or str(a.seed_dir / "reward-full" / "final")
     res["rl_reward_model"] = best
     for k, setting in enumerate(a.rl):
-        keys = [x for x in setting.split(",") if x and x != "dynamic"]
-        r = load_recipe(a.recipe, base + keys)
+        parts = [x for x in setting.split(",") if x]
+        r = load_recipe(a.recipe, base + [x for x in parts if x != "dynamic"])
         out = a.out / f"rl-{k}"
         if not (out / "policy").exists():
             rl.run(r, a.seed_dir / "data" / "rl_conditions.jsonl", out, reward_model=best,
-                   dynamic="dynamic" in setting.split(","), heldout=heldout, resume=(out / "checkpoints").exists())
+                   dynamic="dynamic" in parts, heldout=heldout, resume=(out / "checkpoints").exists())
         log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
         w = max(1, len(log) // 5)
         held = [x["heldout_oracle"] for x in log if "heldout_oracle" in x]

@@ -509,13 +509,41 @@ def run_seeds_in_processes(work: list[tuple[object, Path]], jobs: int) -> None:
     """Each (recipe, seed dir) in a child process (`python -m onereward_cli.replicate`), `jobs` at a time,
     one thread each; a child's output goes to SEED_DIR/replicate.log. Resumable like run_seed."""
     import os
+    import subprocess
+    import sys
+
+    import yaml
 
     from .errors import InputError, TrainingAborted
+    from .recipe import to_plain
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    queue, running, failed, seen = list(work), [], [], {}
+    queue, running, failed, printed = list(work), [], [], {}
     try:
-        _run_queue(queue, running, failed, seen, jobs, env)
+        while queue or running:
+            while queue and len(running) < jobs:
+                r, d = queue.pop(0)
+                d.mkdir(parents=True, exist_ok=True)
+                write_text(d / "recipe.yaml", yaml.safe_dump(to_plain(r), sort_keys=False))
+                log = open(d / "replicate.log", "a")
+                cmd = [sys.executable, "-m", "onereward_cli.replicate", str(d / "recipe.yaml"), str(d)]
+                running.append((d, log, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+                console.print(f"replicate: {d.name} in process {running[-1][2].pid} (log: {d / 'replicate.log'})")
+            time.sleep(1.0)
+            for item in list(running):
+                d, log, proc = item
+                done = _finished_phases(d)  # one line per finished phase, so a 20-minute run shows progress
+                for name in done[printed.get(d, 0):]:
+                    console.print(f"replicate: {d.name}: {name} done")
+                printed[d] = len(done)
+                if proc.poll() is not None:
+                    log.close()
+                    running.remove(item)
+                    if proc.returncode != 0:
+                        failed.append((f"{d.name} (exit {proc.returncode}, see {d / 'replicate.log'})",
+                                       proc.returncode))
+                    else:
+                        console.print(f"replicate: {d.name} done")
     finally:  # Ctrl-C or an error here: no child outlives the parent (a re-run resumes their phases)
         for _, log, proc in running:
             if proc.poll() is None:
@@ -525,39 +553,6 @@ def run_seeds_in_processes(work: list[tuple[object, Path]], jobs: int) -> None:
     if failed:  # a child exits 2 on bad input (as the CLI does), else the run stopped: exit 3 with the logs
         msg = "replicate.jobs: seed(s) failed: " + "; ".join(f for f, _ in failed) + "; re-run to resume them"
         raise (InputError if all(c == 2 for _, c in failed) else TrainingAborted)(msg, path=work[0][1].parent)
-
-
-def _run_queue(queue, running, failed, seen, jobs, env):
-    import subprocess
-    import sys
-
-    import yaml
-
-    from .recipe import to_plain
-
-    while queue or running:
-        while queue and len(running) < jobs:
-            r, d = queue.pop(0)
-            d.mkdir(parents=True, exist_ok=True)
-            write_text(d / "recipe.yaml", yaml.safe_dump(to_plain(r), sort_keys=False))
-            log = open(d / "replicate.log", "a")
-            cmd = [sys.executable, "-m", "onereward_cli.replicate", str(d / "recipe.yaml"), str(d)]
-            running.append((d, log, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
-            console.print(f"replicate: {d.name} in process {running[-1][2].pid} (log: {d / 'replicate.log'})")
-        time.sleep(1.0)
-        for item in list(running):
-            d, log, proc = item
-            done = _finished_phases(d)  # one line per finished phase, so a 20-minute run shows progress
-            for name in done[seen.get(d, 0):]:
-                console.print(f"replicate: {d.name}: {name} done")
-            seen[d] = len(done)
-            if proc.poll() is not None:
-                log.close()
-                running.remove(item)
-                if proc.returncode != 0:
-                    failed.append((f"{d.name} (exit {proc.returncode}, see {d / 'replicate.log'})", proc.returncode))
-                else:
-                    console.print(f"replicate: {d.name} done")
 
 
 def run(recipe, out, seeds: int | None = None) -> Path:
