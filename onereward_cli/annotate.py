@@ -4,6 +4,9 @@ import from JSONL/CSV, or the synthetic oracle. All three write `annotations.jso
     {"sample_id", "annotator", "task", "labels": {"<dimension>": {"best": i, "worst": j} | "no difference"},
      "order": [i, ...], "time"}
 
+A label may carry "margin": m >= 0, how clearly best beats worst (the oracle writes its score gap; an
+import may give a rater's confidence); `pairs.train_min_margin` drops training pairs below it.
+
 one record per (sample, annotator), holding every dimension of the sample's task (recipe
 `tasks.<key>.dimensions`). Candidate indices are 0-based, as in candidates.jsonl. `order` (page labels
 only) is the order the page showed the candidates in: each annotator sees each sample's candidates in
@@ -26,6 +29,7 @@ import contextlib
 import csv
 import ipaddress
 import json
+import math
 import mimetypes
 import os
 import random
@@ -155,9 +159,9 @@ def check_label(value, sample: Sample, dimension: str, *, path=None, line=None, 
                          f"({', '.join(sample.dimensions)})", path=path, line=line, field=field)
     if isinstance(value, str) and value.strip().lower() == NO_DIFFERENCE:
         return NO_DIFFERENCE
-    if not isinstance(value, dict) or set(value) != {"best", "worst"}:
-        raise InputError(f"expected {{\"best\": i, \"worst\": j}} or \"{NO_DIFFERENCE}\", got {value!r}",
-                         path=path, line=line, field=field)
+    if not isinstance(value, dict) or not {"best", "worst"} <= set(value) <= {"best", "worst", "margin"}:
+        raise InputError(f"expected {{\"best\": i, \"worst\": j}} (and optionally \"margin\": m) or "
+                         f"\"{NO_DIFFERENCE}\", got {value!r}", path=path, line=line, field=field)
     n = len(sample.candidates)
     for key in ("best", "worst"):
         idx = value[key]
@@ -170,7 +174,18 @@ def check_label(value, sample: Sample, dimension: str, *, path=None, line=None, 
     if value["best"] == value["worst"]:
         raise InputError(f"best and worst are the same candidate ({value['best']}); pick two different ones "
                          f"or \"{NO_DIFFERENCE}\"", path=path, line=line, field=field or "worst")
+    if "margin" in value:
+        m = check_margin(value["margin"], path=path, line=line, field=f"{field}.margin" if field else "margin")
+        return {"best": value["best"], "worst": value["worst"], "margin": m}
     return {"best": value["best"], "worst": value["worst"]}
+
+
+def check_margin(m, *, path=None, line=None, field="margin") -> float:
+    """A label's optional margin: how clearly best beats worst (the oracle writes its score gap), >= 0."""
+    if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m) or m < 0:
+        raise InputError(f"expected a number >= 0 (how clearly best beats worst), got {m!r}", path=path, line=line,
+                         field=field)
+    return float(m)
 
 
 def check_labels(labels, sample: Sample, *, path=None, line=None) -> dict:
@@ -316,7 +331,11 @@ def oracle_labels(root: Path, sample: Sample, where: Path) -> dict:
                             sample.user_prompt or "")
               for i, c in enumerate(sample.candidates)]
     picks = oracle_pick(scores, sample.dimensions)
-    return {d: NO_DIFFERENCE if picks[d] is None else {"best": picks[d][0], "worst": picks[d][1]}
+    # The margin (best's score minus worst's) lets export-pairs keep only clear preferences for training
+    # (pairs.train_min_margin); the label itself is Best-of-N / Worst-of-N as before.
+    return {d: NO_DIFFERENCE if picks[d] is None else
+            {"best": picks[d][0], "worst": picks[d][1],
+             "margin": round(scores[picks[d][0]][d] - scores[picks[d][1]][d], 6)}
             for d in sample.dimensions}
 
 
@@ -569,7 +588,7 @@ class LabelState:
                 raise StalePage(f"sample '{sample.id}' was shown in another order than this server shows it: "
                                 "reload the page")
             picks = check_labels(payload["shown"], sample)  # positions: the same range checks as indices
-            labels = {d: v if v == NO_DIFFERENCE else {"best": order[v["best"]], "worst": order[v["worst"]]}
+            labels = {d: v if v == NO_DIFFERENCE else {**v, "best": order[v["best"]], "worst": order[v["worst"]]}
                       for d, v in picks.items()}
         else:
             labels = check_labels(payload["labels"], sample)

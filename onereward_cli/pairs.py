@@ -7,7 +7,8 @@ annotator labelled the same sample twice, the later record wins. With `pairs.agr
 them gave the same pick (one pair, annotators joined with ","); "no difference" counts as a label.
 
 The train/test split is by sample, stratified by task and seeded by the recipe seed, so no sample's
-images appear on both sides.
+images appear on both sides. A label's optional "margin" (the oracle's score gap) is kept on its pair;
+`pairs.train_min_margin` > 0 then drops the training pairs below it (the test split is never filtered).
 
 An undo record ({"retract": true}) withdraws the annotator's earlier label of that sample. Labels from
 the page carry the order the candidates were shown in; the table then also reports position bias: how
@@ -18,7 +19,9 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import NamedTuple
 
+from .annotate import check_margin
 from .artifacts import RunManifest, read_jsonl, write_jsonl
 from .errors import InputError
 
@@ -78,9 +81,9 @@ def _check_label(value, dim: str, n: int, where, line):
     field = f"labels.{dim}"
     if value == NO_DIFFERENCE:
         return None
-    if not isinstance(value, dict) or set(value) != {"best", "worst"}:
-        raise InputError(f'expected {{"best": i, "worst": j}} or "{NO_DIFFERENCE}", got {value!r}', path=where,
-                         line=line, field=field)
+    if not isinstance(value, dict) or not {"best", "worst"} <= set(value) <= {"best", "worst", "margin"}:
+        raise InputError(f'expected {{"best": i, "worst": j}} (and optionally "margin": m) or "{NO_DIFFERENCE}", '
+                         f'got {value!r}', path=where, line=line, field=field)
     for k in ("best", "worst"):
         v = value[k]
         if isinstance(v, bool) or not isinstance(v, int):
@@ -91,7 +94,16 @@ def _check_label(value, dim: str, n: int, where, line):
     if value["best"] == value["worst"]:
         raise InputError(f"best and worst are the same candidate ({value['best']})", path=where, line=line,
                          field=field)
-    return value["best"], value["worst"]
+    margin = check_margin(value["margin"], path=where, line=line, field=f"{field}.margin") if "margin" in value \
+        else None
+    return Pick(value["best"], value["worst"], margin)
+
+
+class Pick(NamedTuple):
+    """One annotator's best/worst for a (sample, dimension); `margin` (optional) says how clearly."""
+    best: int
+    worst: int
+    margin: float | None = None
 
 
 def load_labels(recipe, ann_path: Path, samples: dict[str, dict], positions: list | None = None) -> dict:
@@ -154,18 +166,29 @@ def make_pairs(recipe, labels: dict, samples: dict[str, dict], cand_dir: Path, p
     for (sid, dim), by in sorted(labels.items()):
         s = samples[sid]
         if mode == "agree":
-            picks = set(by.values())
+            picks = {None if p is None else (p.best, p.worst) for p in by.values()}
             if len(by) < need or len(picks) != 1 or None in picks:
                 continue
-            chosen = [(",".join(sorted(by)), next(iter(picks)))]
+            margins = [p.margin for p in by.values()]  # agreed: the least clear annotator's margin, if all gave one
+            chosen = [(",".join(sorted(by)), Pick(*next(iter(picks)), None if None in margins else min(margins)))]
         else:
             chosen = [(a, p) for a, p in sorted(by.items()) if p is not None]
-        for annotator, (best, worst) in chosen:
+        for annotator, p in chosen:
             cands = s["candidates"]
             pairs.append({"sample_id": sid, "task": s["task"], "dimension": dim, "prompt": s.get("user_prompt") or "",
-                          "winner": rel(cands[best]["path"]), "loser": rel(cands[worst]["path"]),
-                          "source": rel(s["source"]), "mask": rel(s["mask"]), "annotator": annotator})
+                          "winner": rel(cands[p.best]["path"]), "loser": rel(cands[p.worst]["path"]),
+                          "source": rel(s["source"]), "mask": rel(s["mask"]), "annotator": annotator,
+                          **({} if p.margin is None else {"margin": p.margin})})
     return pairs
+
+
+def drop_unclear(train: list[dict], min_margin: float) -> tuple[list[dict], int]:
+    """Training pairs whose label margin is below `min_margin` are dropped (pairs without a margin, e.g. a
+    human's pick, are kept); the test split is never filtered, so held-out accuracy stays on every pair."""
+    if min_margin <= 0:
+        return train, 0
+    kept = [p for p in train if p.get("margin") is None or p["margin"] >= min_margin]
+    return kept, len(train) - len(kept)
 
 
 def split_samples(sample_tasks: dict[str, str], test_fraction: float, seed: int) -> set[str]:
@@ -204,8 +227,11 @@ def run(recipe, annotations, out, test_fraction: float):
                          if recipe.pairs.agreement == "agree" else "labels")
     man = RunManifest("export-pairs", out, recipe, inputs={"annotations": ann_path, "candidates": cand_path})
     test_ids = split_samples({p["sample_id"]: p["task"] for p in pairs}, test_fraction, recipe.seed)
-    train = [p for p in pairs if p["sample_id"] not in test_ids]
+    train, dropped = drop_unclear([p for p in pairs if p["sample_id"] not in test_ids], recipe.pairs.train_min_margin)
     test = [p for p in pairs if p["sample_id"] in test_ids]
+    if not train and dropped:
+        raise InputError(f"every one of the {dropped} training pairs has a margin below "
+                         f"{recipe.pairs.train_min_margin}", field="pairs.train_min_margin")
     write_jsonl(pairs_dir / "train.jsonl", train)
     write_jsonl(pairs_dir / "test.jsonl", test)
 
@@ -228,10 +254,16 @@ def run(recipe, annotations, out, test_fraction: float):
         console.print("position bias: no label records the order its candidates were shown in (imports, the "
                       "oracle); nothing to report", highlight=False)
 
-    man.count(pairs_train=len(train), pairs_test=len(test), samples_labelled=len({s for s, _ in labels}),
+    if dropped:
+        console.print(f"export-pairs: dropped {dropped} training pairs with a margin below "
+                      f"{recipe.pairs.train_min_margin} (pairs.train_min_margin); the test split is unfiltered",
+                      highlight=False)
+    man.count(pairs_train=len(train), pairs_test=len(test), train_dropped_below_margin=dropped,
+              samples_labelled=len({s for s, _ in labels}),
               samples_train=len({p["sample_id"] for p in train}), samples_test=len(test_ids),
               per_task_dimension={f"{t}/{d}": {"train": a, "test": b} for (t, d), (a, b) in sorted(counts.items())})
-    man.set(agreement=recipe.pairs.agreement, test_fraction=test_fraction, position_bias=bias)
+    man.set(agreement=recipe.pairs.agreement, test_fraction=test_fraction,
+            train_min_margin=recipe.pairs.train_min_margin, position_bias=bias)
     man.write()
     return pairs_dir
 

@@ -133,6 +133,9 @@ class PairsConfig:
     agreement: str = "all"
     # With agreement "agree": how many annotators must have labelled a (sample, dimension) to keep it.
     min_annotators: int = 1
+    # Drop training pairs whose label margin (how clearly best beat worst; the oracle writes its score gap)
+    # is below this; pairs without a margin and the test split are kept. 0 keeps every pair.
+    train_min_margin: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -547,6 +550,7 @@ def validate(r: Recipe) -> Recipe:
     _check(g.batch_size > 0, "generate.batch_size", "must be positive")
     _check(g.max_sequence_length > 0, "generate.max_sequence_length", "must be positive")
     _check(r.pairs.min_annotators >= 1, "pairs.min_annotators", "must be >= 1")
+    _check(r.pairs.train_min_margin >= 0, "pairs.train_min_margin", "must be >= 0")
     _check(0 <= r.pairs.test_fraction < 1, "pairs.test_fraction", "must be in [0, 1)")
     _check(r.pairs.agreement in ("all", "agree"), "pairs.agreement", "must be all or agree")
     w = r.reward

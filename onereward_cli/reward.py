@@ -304,7 +304,7 @@ class RewardScorer:
 # ----------------------------------------------------------------------------------------------
 PAIR_SCHEMA = {"sample_id": ((str, int), True), "task": (str, True), "dimension": (str, True),
                "prompt": (str, False), "winner": (str, True), "loser": (str, True), "source": (str, False),
-               "mask": (str, False), "annotator": (str, False)}
+               "mask": (str, False), "annotator": (str, False), "margin": (float, False)}
 
 
 def _check_image(path: Path, where, line: int, field: str):

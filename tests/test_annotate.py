@@ -147,7 +147,8 @@ def test_oracle_labels_every_sample(recipe, cdir):
     assert recs[0] == human  # other annotators' work survives
     oracle = {r["sample_id"]: r for r in recs if r["annotator"] == "oracle"}
     assert set(oracle) == {"s0", "s1", "s2"}
-    assert oracle["s0"]["labels"]["text alignment"] == {"best": 0, "worst": 1}  # red wins, first zero loses
+    # red wins, first zero loses; the margin is the whole scale
+    assert oracle["s0"]["labels"]["text alignment"] == {"best": 0, "worst": 1, "margin": 1.0}
     assert oracle["s1"]["labels"]["removal quality"]["best"] == 0  # the clean removal
     assert oracle["s2"]["labels"] == {d: ND for d in recipe.tasks["extend_no_prompt"].dimensions}
     # Wiring: the oracle saw this sample's images, its task's dimensions and the user prompt.
@@ -155,9 +156,9 @@ def test_oracle_labels_every_sample(recipe, cdir):
     scores = [oracle_scores(Image.open(s0 / "source.png"), Image.open(s0 / "mask.png"),
                             Image.open(s0 / f"cand_{i}.png"), recipe.tasks["fill"].dimensions, "a red square")
               for i in range(3)]
-    want = {d: ND if p is None else {"best": p[0], "worst": p[1]}
+    want = {d: ND if p is None else {"best": p[0], "worst": p[1], "margin": round(scores[p[0]][d] - scores[p[1]][d], 6)}
             for d, p in oracle_pick(scores, recipe.tasks["fill"].dimensions).items()}
-    assert oracle["s0"]["labels"] == want
+    assert oracle["s0"]["labels"] == want  # the margin is best's score minus worst's on that dimension
     assert list(oracle["s0"]["labels"]) == list(recipe.tasks["fill"].dimensions)
     run = json.loads((cdir / "annotations.run.json").read_text())
     assert run["stage"] == "annotate" and run["counts"]["samples"] == 3

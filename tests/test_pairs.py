@@ -116,6 +116,48 @@ def test_agree_mode(tmp_path):
     assert len(_read(tmp_path / "c/pairs/train.jsonl")) == 3 + 2 + 1
 
 
+def test_train_min_margin_drops_unclear_training_pairs_only(tmp_path):
+    """pairs.train_min_margin: a training pair whose label margin is below it is dropped; a pair without a
+    margin (a human's pick) and every test pair are kept, and each pair carries its label's margin.
+    Guards the filter's direction, its train-only scope and the margin's way from label to pair."""
+    cand = tmp_path / "cands"
+    recs = _candidates(cand, n_samples=40)
+    rows = []
+    for i, r in enumerate(recs):
+        labels = _full_labels(r["task"])
+        if i % 3:  # two of three samples: the oracle's margin, alternating clear (0.3) and unclear (0.05)
+            labels = {d: {**v, "margin": 0.3 if i % 2 else 0.05} for d, v in labels.items()}
+        rows.append(_ann(r["id"], r["task"], labels))
+    ann = _write(cand, rows)
+    P.run(load_recipe("tiny"), ann, tmp_path / "all", test_fraction=0.25)
+    P.run(load_recipe("tiny", ["pairs.train_min_margin=0.1"]), ann, tmp_path / "clear", test_fraction=0.25)
+    tr_all, te_all = _read(tmp_path / "all/pairs/train.jsonl"), _read(tmp_path / "all/pairs/test.jsonl")
+    tr, te = _read(tmp_path / "clear/pairs/train.jsonl"), _read(tmp_path / "clear/pairs/test.jsonl")
+    assert te == te_all and any(p.get("margin") == 0.05 for p in te)  # the test split is not filtered
+    assert {p.get("margin") for p in tr_all} == {None, 0.05, 0.3}
+    assert tr == [p for p in tr_all if p.get("margin") != 0.05] and {p.get("margin") for p in tr} == {None, 0.3}
+    run = json.loads((tmp_path / "clear/run.json").read_text())
+    assert run["counts"]["train_dropped_below_margin"] == len(tr_all) - len(tr) > 0
+    with pytest.raises(InputError, match="margin below") as e:  # nothing left to train on
+        P.run(load_recipe("tiny", ["pairs.train_min_margin=0.5"]),
+              _write(cand, [_ann("s1", "extend", {"consistency": {"best": 0, "worst": 1, "margin": 0.2}})]),
+              tmp_path / "none", test_fraction=0.0)
+    assert e.value.field == "pairs.train_min_margin" and not (tmp_path / "none").exists()
+
+
+def test_agree_mode_keeps_the_least_clear_margin(tmp_path):
+    """Two annotators who pick the same best/worst with different margins agree; the pair gets the smaller."""
+    cand = tmp_path / "cands"
+    _candidates(cand, n_samples=4)
+    ann = _write(cand, [_ann("s0", "fill", {"consistency": {"best": 0, "worst": 1, "margin": 0.4}}, "alice"),
+                        _ann("s0", "fill", {"consistency": {"best": 0, "worst": 1, "margin": 0.2}}, "bob"),
+                        _ann("s3", "removal", {"removal quality": {"best": 1, "worst": 0, "margin": 0.3}}, "alice"),
+                        _ann("s3", "removal", {"removal quality": {"best": 1, "worst": 0}}, "bob")])
+    P.run(load_recipe("tiny", ["pairs.agreement=agree"]), ann, tmp_path / "a", test_fraction=0.0)
+    got = {p["sample_id"]: p.get("margin") for p in _read(tmp_path / "a/pairs/train.jsonl")}
+    assert got == {"s0": 0.2, "s3": None}
+
+
 def test_later_record_of_an_annotator_wins(tmp_path):
     cand = tmp_path / "cands"
     _candidates(cand, n_samples=4)
@@ -151,6 +193,10 @@ def test_an_export_without_pairs_is_an_error(tmp_path, rows, match, field):
     (_ann("s0", "removal", {"removal quality": {"best": 0, "worst": 1}}), "sample's task", "task"),
     (_ann("s0", "fill", {"consistency": "same"}), "expected", "labels.consistency"),
     (_ann("s0", "fill", {"consistency": {"best": "0", "worst": 1}}), "candidate index", "labels.consistency.best"),
+    (_ann("s0", "fill", {"consistency": {"best": 0, "worst": 1, "margin": -0.1}}), ">= 0", "labels.consistency.margin"),
+    (_ann("s0", "fill", {"consistency": {"best": 0, "worst": 1, "margin": "big"}}), ">= 0",
+     "labels.consistency.margin"),
+    (_ann("s0", "fill", {"consistency": {"best": 0, "worst": 1, "why": "x"}}), "expected", "labels.consistency"),
 ])
 def test_bad_annotations_name_file_line_field(tmp_path, row, match, field):
     cand = tmp_path / "cands"

@@ -205,3 +205,26 @@ def test_token_mask_weights_put_the_weight_on_the_edit_region():
     assert torch.allclose(w[0, :2], torch.full((2,), 5.0 / (1 + 4.0 * 2 / 128)))
     assert torch.all(w[0, 2:] < 1) and torch.equal(w[1], torch.ones(128))
     assert torch.equal(token_mask_weights(m, 128, 0.0)[..., 0], torch.ones(2, 128))
+
+
+def test_vlm_size_benchmark_pretrains_a_resized_qwen_that_loads(zoo_random, tmp_path):
+    """benchmarks/vlm_size.py: the resized config (depths, widths, per-layer types, full-attention blocks)
+    builds, pretrains a few steps through the shipped VLM stage and saves a Qwen2.5-VL folder that loads
+    with the sizes asked for. Guards the size probe BENCHMARKS.md reports."""
+    import importlib.util
+
+    from transformers import AutoModelForImageTextToText
+
+    spec = importlib.util.spec_from_file_location(
+        "vlm_size", Path(__file__).resolve().parent.parent / "benchmarks" / "vlm_size.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "vs"
+    assert mod.main([str(out), "--layers", "5", "--vit-depth", "3", "--width", "80", "--scale", "0.004",
+                     "--per-kind", "1"]) == 0
+    res = json.loads((out / "result.json").read_text())
+    assert (res["layers"], res["vit_depth"], res["width"]) == (5, 3, 80)
+    m = AutoModelForImageTextToText.from_pretrained(out / "model")
+    assert m.config.text_config.num_hidden_layers == 5 and len(m.config.text_config.layer_types) == 5
+    assert m.config.vision_config.depth == 3 and m.config.vision_config.fullatt_block_indexes == [1]
+    assert m.config.text_config.hidden_size == 80 and set(res["accuracy"]) == set(res["shipped_accuracy"])

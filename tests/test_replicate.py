@@ -95,6 +95,17 @@ def test_sweep_builds_a_seeds_data_without_reward_training_and_runs_dynamic_rl(t
     man = json.loads((tmp_path / "sw" / "rl-0" / "run.json").read_text())
     assert man["mode"] == "dynamic (Alg. 2)"
 
+    # benchmarks/label_agreement.py on the same seed: on a removal pair the only dimension is removal
+    # quality, so both dimension-blind oracles must agree with its label (a swapped winner/loser gives 0).
+    spec = importlib.util.spec_from_file_location(
+        "label_agreement", Path(__file__).resolve().parent.parent / "benchmarks" / "label_agreement.py")
+    la = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(la)
+    cells = la.agreement(seed, load_recipe("replicate", TOY).tasks)
+    assert cells[("removal", "removal quality")]["n"] > 0
+    assert cells[("removal", "removal quality")]["blind"] == cells[("removal", "removal quality")]["removal"] == 1.0
+    assert all(0.0 <= c[k] <= 1.0 for c in cells.values() for k in ("blind", "removal"))
+
 
 def test_jobs_runs_each_seed_in_its_own_process_and_aggregates_them(tmp_path, zoo):
     """replicate.jobs > 1: every seed's phases run in a child process (its recipe and log in its folder),
