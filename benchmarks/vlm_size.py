@@ -5,8 +5,8 @@ report held-out per-kind accuracy beside the shipped VLM's, and the wall time (i
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vlm_size.py OUT \
         [--width 96] [--layers 4] [--vit-depth 4] [--scale 1.0]
 
-Unset sizes keep the random zoo's (since zoo v3: width 64, LM 8 layers, ViT 6 blocks; the first zoo's was
-4 / 4, the run that chose the new depths is `--layers 8 --vit-depth 6` against it, BENCHMARKS.md).
+Unset sizes keep the random zoo's (width 64, LM 4 layers, ViT 4 blocks: the shipped VLM's architecture).
+BENCHMARKS.md reports `--width 96` and `--layers 8 --vit-depth 6` against it; neither was adopted.
 
 The random model is the random zoo's Qwen2.5-VL (tokenizer, processor, chat template, mrope, windowed ViT)
 with only the widths and depths changed, so OUT/model is a Qwen2.5-VL folder that `reward.base` (the
