@@ -3,7 +3,7 @@ from scratch with the shipped VLM stage's budget (vision warm-up, then question 
 report held-out per-kind accuracy beside the shipped VLM's, and the wall time (issue 12).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vlm_size.py OUT \
-        [--width 96] [--layers 4] [--vit-depth 4] [--scale 1.0]
+        [--width 96] [--layers 4] [--vit-depth 4] [--scale 1.0] [--vit-head tokens] [--vit-steps 2000]
 
 Unset sizes keep the random zoo's (width 64, LM 4 layers, ViT 4 blocks: the shipped VLM's architecture).
 BENCHMARKS.md reports `--width 96` and `--layers 8 --vit-depth 6` against it; neither was adopted.
@@ -58,6 +58,11 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--vit-depth", type=int, default=None)
     p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--vit-head", default="shape", help="the vision warm-up's head: shape (shipped) or tokens")
+    p.add_argument("--vit-steps", type=int, default=None, help="warm-up steps (default: the budget's)")
+    p.add_argument("--token-aux", type=float, default=0.0, help="weight of the per-token loss kept in QA")
+    p.add_argument("--vlm-steps", type=int, default=None, help="question-answering steps (default: the budget's)")
+    p.add_argument("--weights", default="{}", help="re-weights the question stream (pretrain.vlm.KINDS), JSON")
     p.add_argument("--per-kind", type=int, default=48)
     a = p.parse_args(argv)
     base = resolve_model_path("zoo-random:qwen2.5-vl")
@@ -67,11 +72,19 @@ def main(argv=None) -> int:
     proc = AutoProcessor.from_pretrained(base)
     n_params = sum(x.numel() for x in model.parameters())
     budget = Budget().scaled(a.scale) if a.scale != 1.0 else Budget()
+    from dataclasses import replace
+
+    if a.vit_steps is not None:
+        budget = replace(budget, vit_steps=a.vit_steps)
+    if a.vlm_steps is not None:
+        budget = replace(budget, vlm_steps=a.vlm_steps)
+    vlm.KINDS.update(json.loads(a.weights))
     world = WorldConfig()
     t = time.time()
     res = vlm.run(model, proc, a.out / "work", world, _loop(budget.vlm_steps, budget.vlm_lr, budget), seed=0,
                   batch=budget.vlm_batch, eval_per_kind=budget.eval_n,
-                  vit_loop=_loop(budget.vit_steps, budget.vit_lr, budget))
+                  vit_loop=_loop(budget.vit_steps, budget.vit_lr, budget), vit_head=a.vit_head,
+                  token_aux=a.token_aux)
     seconds = time.time() - t
     model.save_pretrained(a.out / "model")
     proc.save_pretrained(a.out / "model")
@@ -81,7 +94,9 @@ def main(argv=None) -> int:
     ref = vlm.accuracy(shipped, AutoProcessor.from_pretrained(resolve_model_path("zoo:qwen2.5-vl")), held)
     t, v = cfg.text_config, cfg.vision_config
     out = {"width": t.hidden_size, "layers": t.num_hidden_layers, "vit_depth": v.depth, "params": n_params,
-           "pretrain_seconds": round(seconds, 1), "scale": a.scale, "accuracy": acc, "shipped_accuracy": ref,
+           "pretrain_seconds": round(seconds, 1), "scale": a.scale, "vit_head": a.vit_head, "token_aux": a.token_aux,
+           "vit_steps": budget.vit_steps, "vlm_steps": budget.vlm_steps,
+           "weights": json.loads(a.weights), "accuracy": acc, "shipped_accuracy": ref,
            "training": res}
     (a.out / "result.json").write_text(json.dumps(out, indent=1) + "\n")
     print(f"params {n_params}, pretraining {seconds:.0f} s")

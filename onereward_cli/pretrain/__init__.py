@@ -49,6 +49,8 @@ class Budget:
     flux_mask_weight: float = 4.0  # pretrain.flux.token_mask_weights; 0 = the plain mean (A/B in BENCHMARKS.md)
     vit_steps: int = 1000  # the VLM's vision warm-up (vlm.vit_warmup), before the question answering
     vit_lr: float = 3e-3
+    vit_head: str = "shape"  # the warm-up's probe: "shape" (max-pooled) or "tokens" (each token's object)
+    vlm_token_aux: float = 0.0  # weight of the per-token loss kept beside question answering (vlm.run)
     vlm_steps: int = 1600
     vlm_lr: float = 1e-3
     vlm_batch: int = 32
@@ -156,7 +158,8 @@ def run(out, work=None, *, seed: int = 0, scale: float = 1.0, only=STAGES, conso
         processor = AutoProcessor.from_pretrained(base / "qwen2.5-vl")
         res = vlm_stage.run(model, processor, d, cfg, _loop(budget.vlm_steps, budget.vlm_lr, budget), seed=seed,
                             batch=budget.vlm_batch, console=console, eval_per_kind=budget.eval_n,
-                            vit_loop=_loop(budget.vit_steps, budget.vit_lr, budget))
+                            vit_loop=_loop(budget.vit_steps, budget.vit_lr, budget), vit_head=budget.vit_head,
+                            token_aux=budget.vlm_token_aux)
         model.save_pretrained(d / "model")
         return res
 

@@ -18,7 +18,8 @@ own recipe pretrains its ViT before vision-language alignment: from scratch at t
 attention over an image's 16 tokens starts as an average that washes a small object out, and question
 answering alone names an object's shape about a third of the time after 1600 steps (BENCHMARKS.md).
 The warm-up trains the ViT through a max-pooled linear head that names a single object's shape, then
-discards the head.
+discards the head. `vit_head="tokens"` (not the shipped zoo's yet) trains every merged token to name the
+(colour, shape) of the object under it instead, which the compositional questions need.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from .. import synth
 from . import world
@@ -82,6 +83,10 @@ def _position(o, size) -> str:
     return "top" if dy < 0 else "bottom"
 
 
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 def _absent(rng: random.Random, objs) -> tuple[str, str]:
     present = {(o["color"], o["shape"]) for o in objs}
     while True:
@@ -109,8 +114,25 @@ def make_example(kind: str, rng: random.Random, cfg: world.WorldConfig):
         if kind == "object_colour":
             return [synth.render_scene(spec)], "What colour is the object?", o["color"]
         return [synth.render_scene(spec)], "What shape is the object?", o["shape"]
+    if kind in ("is_colour", "is_shape"):  # one object: does a named attribute match what is seen?
+        spec = single_object_spec(rng, cfg)
+        o, key = spec["objects"][0], "color" if kind == "is_colour" else "shape"
+        names = list(synth.COLORS) if key == "color" else list(synth.SHAPES)
+        yes = rng.random() < 0.5
+        v = o[key] if yes else rng.choice([n for n in names if n != o[key]])
+        q = f"Is the object {v}?" if key == "color" else f"Is the object {_a(v)}?"
+        return [synth.render_scene(spec)], q, "yes" if yes else "no"
     img, spec = _scene_image(rng, cfg)
     objs, bg = spec["objects"], spec["background"]
+    if kind in ("has_colour", "has_shape"):  # several objects: is a named attribute anywhere?
+        key = "color" if kind == "has_colour" else "shape"
+        names = list(synth.COLORS) if key == "color" else list(synth.SHAPES)
+        present = {o[key] for o in objs}
+        absent = [n for n in names if n not in present]
+        yes = rng.random() < 0.5 or not absent
+        v = rng.choice(sorted(present)) if yes else rng.choice(absent)
+        q = f"Is there {_a(v)} object?" if key == "color" else f"Is there {_a(v)}?"
+        return [img], q, "yes" if yes else "no"
     if kind == "background":
         return [img], "What colour is the background?", bg["color"]
     if kind == "texture":
@@ -277,23 +299,36 @@ def accuracy(model, processor, held: dict, batch: int = 32) -> dict[str, float]:
 
 
 def run(model, processor, work: Path, cfg: world.WorldConfig, loop: LoopConfig, *, seed: int, batch: int = 32,
-        resume: bool = True, console=None, eval_per_kind: int = 20, vit_loop: LoopConfig | None = None) -> dict:
-    """The vision warm-up (when `vit_loop` has steps; WORK/vit), then question answering (WORK)."""
+        resume: bool = True, console=None, eval_per_kind: int = 20, vit_loop: LoopConfig | None = None,
+        vit_head: str = "shape", token_aux: float = 0.0, token_batch: int = 8) -> dict:
+    """The vision warm-up (when `vit_loop` has steps; WORK/vit), then question answering (WORK).
+
+    `token_aux` > 0 keeps the per-token head's loss (on `token_batch` more scenes a step, times
+    `token_aux`) beside the answer loss during question answering, so the tokens keep naming their
+    object while the LM learns to read them; with `vit_head="tokens"` the head is the warm-up's."""
     vit = None
+    width = model.model.visual.merger.mlp[-1].out_features
+    probe = ViTTokenProbe(width, seed) if token_aux > 0 else None
     if vit_loop is not None and vit_loop.steps:
         vit = vit_warmup(model, processor, work / "vit", cfg, vit_loop, seed=seed, batch=batch, resume=resume,
-                         console=console, eval_n=4 * eval_per_kind)
+                         console=console, eval_n=4 * eval_per_kind, head=vit_head,
+                         probe=probe if vit_head == "tokens" else None)
     model.requires_grad_(True)
     held = heldout(cfg, eval_per_kind)
 
     def loss_fn(step):
         rng, _ = step_rng(seed, "vlm", step)
-        return answer_loss(model, sft_batch(processor, draw_examples(rng, cfg, batch), model.device)), {}
+        loss = answer_loss(model, sft_batch(processor, draw_examples(rng, cfg, batch), model.device))
+        if probe is None:
+            return loss, {}
+        aux = vit_token_loss(model, probe, processor, vit_token_examples(rng, cfg, token_batch))
+        return loss + token_aux * aux, {"token_loss": aux.item()}
 
     def evaluate():
         return {f"acc/{k}": v for k, v in accuracy(model, processor, held).items()}
 
-    log = train("vlm", work, {"model": model}, loop, loss_fn, seed=seed, resume=resume, evaluate=evaluate,
+    modules = {"model": model, **({"probe": probe} if probe is not None else {})}
+    log = train("vlm", work, modules, loop, loss_fn, seed=seed, resume=resume, evaluate=evaluate,
                 eval_every=loop.save_every, console=console)
     model.requires_grad_(False)
     return {"steps": loop.steps, "log": log[-1] if log else {}, **({"vit": vit} if vit else {})}
@@ -329,8 +364,8 @@ def vit_examples(rng: random.Random, cfg: world.WorldConfig, n: int) -> list[tup
     return [(synth.render_scene(sp), synth.SHAPES.index(sp["objects"][0]["shape"])) for sp in specs]
 
 
-def vit_logits(model, probe: ViTProbe, processor, images) -> torch.Tensor:
-    ip = processor.image_processor(images=images, return_tensors="pt")
+def vit_logits(model, probe: torch.nn.Module, processor, images, ip=None) -> torch.Tensor:
+    ip = ip if ip is not None else processor.image_processor(images=images, return_tensors="pt")
     visual = model.model.visual
     grid = ip["image_grid_thw"].to(model.device)
     tokens = visual(ip["pixel_values"].to(model.device, visual.dtype), grid_thw=grid).pooler_output
@@ -352,20 +387,117 @@ def vit_accuracy(model, probe, processor, examples, batch: int = 32) -> float:
     return float(np.mean(hits))
 
 
+# --- the per-token head (`vit_head="tokens"`) ---------------------------------------------------------
+# Each merged token names the (colour, shape) of the object that covers it, or "none". A probe on the
+# max-pool warm-up's tokens decodes an object's shape from its own tokens 60 % of the time in scenes of
+# up to three objects (colour 85 %): the max-pool head teaches "which shape is somewhere", not "which
+# shape is here", and binding a colour to a shape needs the second. One joint class per token, not a
+# colour head beside a shape head: in the image-level warm-up, easy heads beside the shape head took the
+# clipped gradient (tried). BENCHMARKS.md, "Binding a colour to a shape".
+
+TOKEN_NONE = len(synth.COLORS) * len(synth.SHAPES)  # class index of a token no object covers
+TOKEN_COVER, TOKEN_EMPTY = 0.25, 0.05  # a token is its object's from 25 % cover; below 5 % it is "none"
+
+
+def token_labels(spec: dict, grid_h: int, grid_w: int) -> np.ndarray:
+    """The class of each merged token (raster order) of a square scene: colour * len(SHAPES) + shape of the
+    object owning most of the token's pixels (later objects drawn on top own theirs), TOKEN_NONE where
+    objects cover under TOKEN_EMPTY, -100 (ignored) in between."""
+    size, objs = spec["size"], spec["objects"]
+    owner = np.full((size, size), -1, np.int64)
+    for i, o in enumerate(objs):
+        m = Image.new("L", (size, size), 0)
+        synth._draw_shape(ImageDraw.Draw(m), o["shape"], o["box"], 255)
+        owner[np.asarray(m) > 127] = i
+    ys, xs = np.linspace(0, size, grid_h + 1).round().astype(int), np.linspace(0, size, grid_w + 1).round().astype(int)
+    colours = list(synth.COLORS)
+    out = np.full(grid_h * grid_w, -100, np.int64)
+    for r in range(grid_h):
+        for c in range(grid_w):
+            blk = owner[ys[r]:ys[r + 1], xs[c]:xs[c + 1]]
+            shares = [float((blk == i).mean()) for i in range(len(objs))]
+            best = int(np.argmax(shares)) if shares else -1
+            if not shares or sum(shares) < TOKEN_EMPTY:
+                out[r * grid_w + c] = TOKEN_NONE
+            elif shares[best] >= TOKEN_COVER:
+                o = objs[best]
+                out[r * grid_w + c] = colours.index(o["color"]) * len(synth.SHAPES) + synth.SHAPES.index(o["shape"])
+    return out
+
+
+class ViTTokenProbe(torch.nn.Module):
+    """A linear head on every merged vision token. Training-time only; it never ships."""
+
+    def __init__(self, width: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.head = torch.nn.Linear(width, TOKEN_NONE + 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) / width ** 0.5)
+            self.head.bias.zero_()
+
+    def forward(self, tokens: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
+        return self.head(tokens)
+
+
+def vit_token_examples(rng: random.Random, cfg: world.WorldConfig, n: int) -> list[tuple[Image.Image, dict]]:
+    """(image, spec) of square scenes: half the pool's own scenes (up to three objects), half single
+    objects drawn as object_shape draws them."""
+    specs = [world.random_scene(rng, cfg) if rng.random() < 0.5 else single_object_spec(rng, cfg) for _ in range(n)]
+    return [(synth.render_scene(sp), sp) for sp in specs]
+
+
+def _token_targets(processor, grid: torch.Tensor, specs) -> torch.Tensor:
+    m = processor.image_processor.merge_size
+    return torch.from_numpy(np.concatenate([token_labels(sp, int(g[1]) // m, int(g[2]) // m)
+                                            for sp, g in zip(specs, grid)]))
+
+
+def vit_token_loss(model, probe, processor, examples) -> torch.Tensor:
+    ip = processor.image_processor(images=[im for im, _ in examples], return_tensors="pt")
+    logits = vit_logits(model, probe, processor, None, ip)
+    target = _token_targets(processor, ip["image_grid_thw"], [sp for _, sp in examples]).to(logits.device)
+    return torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
+
+
+@torch.no_grad()
+def vit_token_accuracy(model, probe, processor, examples, batch: int = 32) -> float:
+    """Accuracy of the joint (colour, shape) class on the tokens an object owns."""
+    hits = []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        ip = processor.image_processor(images=[im for im, _ in chunk], return_tensors="pt")
+        pred = vit_logits(model, probe, processor, None, ip).argmax(1)
+        y = _token_targets(processor, ip["image_grid_thw"], [sp for _, sp in chunk]).to(pred.device)
+        keep = (y != -100) & (y != TOKEN_NONE)
+        hits += (pred[keep] == y[keep]).tolist()
+    return float(np.mean(hits))
+
+
+WARMUP_HEADS = {"shape": (ViTProbe, vit_examples, vit_loss, vit_accuracy),
+                "tokens": (ViTTokenProbe, vit_token_examples, vit_token_loss, vit_token_accuracy)}
+
+
 def vit_warmup(model, processor, work: Path, cfg: world.WorldConfig, loop: LoopConfig, *, seed: int,
-               batch: int = 32, resume: bool = True, console=None, eval_n: int = 64) -> dict:
-    """Train the vision tower (and its merger) alone through `ViTProbe`; the LM is untouched."""
+               batch: int = 32, resume: bool = True, console=None, eval_n: int = 64, head: str = "shape",
+               probe: torch.nn.Module | None = None) -> dict:
+    """Train the vision tower (and its merger) alone through a probe head (`WARMUP_HEADS`; `probe`, when
+    given, is the head to train); the LM is untouched."""
+    if head not in WARMUP_HEADS:
+        raise ValueError(f"unknown warm-up head {head!r} (known: {', '.join(WARMUP_HEADS)})")
+    probe_cls, examples, loss_of, accuracy_of = WARMUP_HEADS[head]
     model.requires_grad_(False)
     model.model.visual.requires_grad_(True)
-    probe = ViTProbe(model.model.visual.merger.mlp[-1].out_features, seed)
-    held = vit_examples(random.Random(f"vit-heldout:{seed}"), cfg, eval_n)
+    probe = probe if probe is not None else probe_cls(model.model.visual.merger.mlp[-1].out_features, seed)
+    probe.requires_grad_(True)
+    held = examples(random.Random(f"vit-heldout:{seed}"), cfg, eval_n)
 
     def loss_fn(step):
         rng, _ = step_rng(seed, "vit", step)
-        return vit_loss(model, probe, processor, vit_examples(rng, cfg, batch)), {}
+        return loss_of(model, probe, processor, examples(rng, cfg, batch)), {}
 
     def evaluate():
-        return {"acc/shape": vit_accuracy(model, probe, processor, held)}
+        return {"acc/shape" if head == "shape" else "acc/token": accuracy_of(model, probe, processor, held)}
 
     log = train("vit", work, {"visual": model.model.visual, "probe": probe}, loop, loss_fn, seed=seed,
                 resume=resume, evaluate=evaluate, eval_every=loop.save_every, console=console)
