@@ -6,7 +6,9 @@ report held-out per-kind accuracy beside the shipped VLM's, and the wall time (i
         [--width 96] [--layers 4] [--vit-depth 4] [--scale 1.0] [--vit-head tokens] [--vit-steps 2000]
 
 Unset sizes keep the random zoo's (width 64, LM 4 layers, ViT 4 blocks: the shipped VLM's architecture).
-BENCHMARKS.md reports `--width 96` and `--layers 8 --vit-depth 6` against it; neither was adopted.
+BENCHMARKS.md reports `--width 96` and `--layers 8 --vit-depth 6` against it; neither was adopted. It also
+reports the binding candidates (`--vit-head tokens`, `--vit-steps`, `--vlm-steps`, `--weights`, `--token-aux`;
+"Binding a colour to a shape"), whose best is the candidate for the next zoo.
 
 The random model is the random zoo's Qwen2.5-VL (tokenizer, processor, chat template, mrope, windowed ViT)
 with only the widths and depths changed, so OUT/model is a Qwen2.5-VL folder that `reward.base` (the
@@ -26,12 +28,18 @@ KINDS = ["object_colour", "object_shape", "shape", "colour", "exists", "position
          "same_background", "exists_in", "more_colour", "noisy", "which_noisy"]
 
 
+def _fail(msg: str):
+    """Bad input: one line on stderr, exit code 2 (as every onereward command)."""
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def resized_config(cfg, width: int | None, layers: int | None, vit_depth: int | None):
     t, v = cfg.text_config, cfg.vision_config
     width, layers, vit_depth = width or t.hidden_size, layers or t.num_hidden_layers, vit_depth or v.depth
     # Head width stays 16: the mrope sections (2, 3, 3) cover half of it. GQA: 2 query heads per kv head.
     if width % 16 or width < 64:
-        raise SystemExit(f"--width must be a multiple of 16, at least 64 (got {width})")
+        _fail(f"--width must be a multiple of 16, at least 64 (got {width})")
     heads = width // 16
     t.hidden_size, t.num_hidden_layers, t.max_window_layers = width, layers, layers
     t.layer_types = ["full_attention"] * layers
@@ -58,7 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--vit-depth", type=int, default=None)
     p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--vit-head", default="shape", help="the vision warm-up's head: shape (shipped) or tokens")
+    p.add_argument("--vit-head", default="shape", choices=["shape", "tokens"],
+                   help="the vision warm-up's head: shape (shipped) or tokens")
     p.add_argument("--vit-steps", type=int, default=None, help="warm-up steps (default: the budget's)")
     p.add_argument("--token-aux", type=float, default=0.0, help="weight of the per-token loss kept in QA")
     p.add_argument("--vlm-steps", type=int, default=None, help="question-answering steps (default: the budget's)")
@@ -78,7 +87,15 @@ def main(argv=None) -> int:
         budget = replace(budget, vit_steps=a.vit_steps)
     if a.vlm_steps is not None:
         budget = replace(budget, vlm_steps=a.vlm_steps)
-    vlm.KINDS.update(json.loads(a.weights))
+    try:
+        weights = json.loads(a.weights)
+        known = {"is_colour", "is_shape", "has_colour", "has_shape", *vlm.KINDS}
+        bad = [k for k, w in weights.items() if k not in known or not isinstance(w, (int, float)) or w < 0]
+    except (ValueError, AttributeError):
+        _fail(f"--weights: not a JSON object of question kind -> weight: {a.weights!r}")
+    if bad:
+        _fail(f"--weights: {bad[0]!r} is not a question kind with a weight >= 0 (kinds: {', '.join(sorted(known))})")
+    vlm.KINDS.update(weights)
     world = WorldConfig()
     t = time.time()
     res = vlm.run(model, proc, a.out / "work", world, _loop(budget.vlm_steps, budget.vlm_lr, budget), seed=0,

@@ -291,6 +291,10 @@ def test_vlm_size_benchmark_pretrains_a_resized_qwen_that_loads(zoo_random, tmp_
     assert m.config.text_config.num_hidden_layers == 5 and len(m.config.text_config.layer_types) == 5
     assert m.config.vision_config.depth == 3 and m.config.vision_config.fullatt_block_indexes == [1]
     assert m.config.text_config.hidden_size == 80 and set(res["accuracy"]) == set(res["shipped_accuracy"])
+    for bad in ('{"bogus": 1}', '{"shape": -1}', "[1]"):  # a typo'd kind would crash mid-run: exit 2 up front
+        with pytest.raises(SystemExit) as e:
+            mod.main([str(tmp_path / "bad"), "--scale", "0.004", "--weights", bad])
+        assert e.value.code == 2
 
 
 def test_vlm_binding_probe_reads_the_shipped_tokens_better_than_random_ones(zoo, zoo_random):
