@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def token_probe(model, processor, n_scenes: int, seed: int = 0, steps: int = 1500) -> dict[str, float]:
-    import numpy as np
     import torch
 
     from onereward_cli import synth
@@ -35,14 +34,12 @@ def token_probe(model, processor, n_scenes: int, seed: int = 0, steps: int = 150
 
     cfg, rng = world.WorldConfig(), random.Random(f"binding-probe:{seed}")
     feats, labels = [], []
-    merge = processor.image_processor.merge_size
     for i in range(0, n_scenes, 32):
         specs = [world.random_scene(rng, cfg) for _ in range(min(32, n_scenes - i))]
         ip = processor.image_processor(images=[synth.render_scene(s) for s in specs], return_tensors="pt")
         with torch.no_grad():
             feats.append(model.model.visual(ip["pixel_values"], grid_thw=ip["image_grid_thw"]).pooler_output)
-        labels.append(torch.from_numpy(np.concatenate([vlm.token_labels(s, int(g[1]) // merge, int(g[2]) // merge)
-                                                       for s, g in zip(specs, ip["image_grid_thw"])])))
+        labels.append(vlm.token_targets(processor, ip["image_grid_thw"], specs))
     x, y = torch.cat(feats), torch.cat(labels)
     x, y = x[y != -100], y[y != -100]
     n = len(x) * 3 // 4

@@ -345,10 +345,12 @@ class ViTProbe(torch.nn.Module):
     """A linear head on the max over an image's merged vision tokens (max, not mean: a small object is a
     few tokens of sixteen). Training-time only; it never ships."""
 
+    n_out = len(synth.SHAPES)
+
     def __init__(self, width: int, seed: int):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
-        self.head = torch.nn.Linear(width, len(synth.SHAPES))
+        self.head = torch.nn.Linear(width, self.n_out)
         with torch.no_grad():
             self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) / width ** 0.5)
             self.head.bias.zero_()
@@ -425,16 +427,10 @@ def token_labels(spec: dict, grid_h: int, grid_w: int) -> np.ndarray:
     return out
 
 
-class ViTTokenProbe(torch.nn.Module):
+class ViTTokenProbe(ViTProbe):
     """A linear head on every merged vision token. Training-time only; it never ships."""
 
-    def __init__(self, width: int, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.head = torch.nn.Linear(width, TOKEN_NONE + 1)
-        with torch.no_grad():
-            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) / width ** 0.5)
-            self.head.bias.zero_()
+    n_out = TOKEN_NONE + 1
 
     def forward(self, tokens: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
         return self.head(tokens)
@@ -447,7 +443,8 @@ def vit_token_examples(rng: random.Random, cfg: world.WorldConfig, n: int) -> li
     return [(synth.render_scene(sp), sp) for sp in specs]
 
 
-def _token_targets(processor, grid: torch.Tensor, specs) -> torch.Tensor:
+def token_targets(processor, grid: torch.Tensor, specs) -> torch.Tensor:
+    """`token_labels` of each scene, concatenated in the order of the processor's merged tokens."""
     m = processor.image_processor.merge_size
     return torch.from_numpy(np.concatenate([token_labels(sp, int(g[1]) // m, int(g[2]) // m)
                                             for sp, g in zip(specs, grid)]))
@@ -456,7 +453,7 @@ def _token_targets(processor, grid: torch.Tensor, specs) -> torch.Tensor:
 def vit_token_loss(model, probe, processor, examples) -> torch.Tensor:
     ip = processor.image_processor(images=[im for im, _ in examples], return_tensors="pt")
     logits = vit_logits(model, probe, processor, None, ip)
-    target = _token_targets(processor, ip["image_grid_thw"], [sp for _, sp in examples]).to(logits.device)
+    target = token_targets(processor, ip["image_grid_thw"], [sp for _, sp in examples]).to(logits.device)
     return torch.nn.functional.cross_entropy(logits, target, ignore_index=-100)
 
 
@@ -468,7 +465,7 @@ def vit_token_accuracy(model, probe, processor, examples, batch: int = 32) -> fl
         chunk = examples[i:i + batch]
         ip = processor.image_processor(images=[im for im, _ in chunk], return_tensors="pt")
         pred = vit_logits(model, probe, processor, None, ip).argmax(1)
-        y = _token_targets(processor, ip["image_grid_thw"], [sp for _, sp in chunk]).to(pred.device)
+        y = token_targets(processor, ip["image_grid_thw"], [sp for _, sp in chunk]).to(pred.device)
         keep = (y != -100) & (y != TOKEN_NONE)
         hits += (pred[keep] == y[keep]).tolist()
     return float(np.mean(hits))
