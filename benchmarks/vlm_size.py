@@ -3,12 +3,14 @@ from scratch with the shipped VLM stage's budget (vision warm-up, then question 
 report held-out per-kind accuracy beside the shipped VLM's, and the wall time (issue 12).
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vlm_size.py OUT \
-        [--width 96] [--layers 4] [--vit-depth 4] [--scale 1.0] [--vit-head tokens] [--vit-steps 2000]
+        [--width 96] [--layers 4] [--vit-depth 4] [--scale 1.0] [--vit-head shape] [--vit-steps 1000]
 
 Unset sizes keep the random zoo's (width 64, LM 4 layers, ViT 4 blocks: the shipped VLM's architecture).
 BENCHMARKS.md reports `--width 96` and `--layers 8 --vit-depth 6` against it; neither was adopted. It also
 reports the binding candidates (`--vit-head tokens`, `--vit-steps`, `--vlm-steps`, `--weights`, `--token-aux`;
-"Binding a colour to a shape"), whose best is the candidate for the next zoo.
+"Binding a colour to a shape"), whose best (tk4) is the shipped stage since 2026-12-05: the defaults
+are the budget's (`pretrain.Budget`), so `--vit-head shape --vit-steps 1000 --vlm-steps 1600 --weights
+'{"shape": 3, "colour": 1.5, "exists": 1, "exists_in": 0.5}'` is the stage shipped before it.
 
 The random model is the random zoo's Qwen2.5-VL (tokenizer, processor, chat template, mrope, windowed ViT)
 with only the widths and depths changed, so OUT/model is a Qwen2.5-VL folder that `reward.base` (the
@@ -66,8 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--vit-depth", type=int, default=None)
     p.add_argument("--scale", type=float, default=1.0)
-    p.add_argument("--vit-head", default="shape", choices=["shape", "tokens"],
-                   help="the vision warm-up's head: shape (shipped) or tokens")
+    p.add_argument("--vit-head", default=None, choices=["shape", "tokens"],
+                   help="the vision warm-up's head: tokens or shape (default: the budget's, tokens)")
     p.add_argument("--vit-steps", type=int, default=None, help="warm-up steps (default: the budget's)")
     p.add_argument("--token-aux", type=float, default=0.0, help="weight of the per-token loss kept in QA")
     p.add_argument("--vlm-steps", type=int, default=None, help="question-answering steps (default: the budget's)")
@@ -83,6 +85,8 @@ def main(argv=None) -> int:
     budget = Budget().scaled(a.scale) if a.scale != 1.0 else Budget()
     from dataclasses import replace
 
+    if a.vit_head is not None:
+        budget = replace(budget, vit_head=a.vit_head)
     if a.vit_steps is not None:
         budget = replace(budget, vit_steps=a.vit_steps)
     if a.vlm_steps is not None:
@@ -100,7 +104,7 @@ def main(argv=None) -> int:
     t = time.time()
     res = vlm.run(model, proc, a.out / "work", world, _loop(budget.vlm_steps, budget.vlm_lr, budget), seed=0,
                   batch=budget.vlm_batch, eval_per_kind=budget.eval_n,
-                  vit_loop=_loop(budget.vit_steps, budget.vit_lr, budget), vit_head=a.vit_head,
+                  vit_loop=_loop(budget.vit_steps, budget.vit_lr, budget), vit_head=budget.vit_head,
                   token_aux=a.token_aux)
     seconds = time.time() - t
     model.save_pretrained(a.out / "model")
@@ -111,7 +115,7 @@ def main(argv=None) -> int:
     ref = vlm.accuracy(shipped, AutoProcessor.from_pretrained(resolve_model_path("zoo:qwen2.5-vl")), held)
     t, v = cfg.text_config, cfg.vision_config
     out = {"width": t.hidden_size, "layers": t.num_hidden_layers, "vit_depth": v.depth, "params": n_params,
-           "pretrain_seconds": round(seconds, 1), "scale": a.scale, "vit_head": a.vit_head, "token_aux": a.token_aux,
+           "pretrain_seconds": round(seconds, 1), "scale": a.scale, "vit_head": budget.vit_head, "token_aux": a.token_aux,
            "vit_steps": budget.vit_steps, "vlm_steps": budget.vlm_steps,
            "weights": json.loads(a.weights), "accuracy": acc, "shipped_accuracy": ref,
            "training": res}

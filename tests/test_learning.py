@@ -88,7 +88,8 @@ def test_rl_moves_the_policy_the_way_the_reward_gradient_points(conditions, zoo,
         _train(tr, 6)
         moved[lr] = _fixed_brightness(tr) - before
     print(f"brightness moved ({'dynamic' if dynamic else 'static'}): {moved}")
-    # Measured on the shipped zoo: +0.389 static, +0.393 dynamic (trained) vs 0.0 (control).
+    # Measured on the shipped zoo: +0.381 static, +0.386 dynamic (trained) vs 0.0 (control); the VLM shipped
+    # before 2026-12-05: +0.389 / +0.393.
     assert moved[2e-2] > 0.01, moved
     assert abs(moved[1e-12]) < 1e-4, moved
 
@@ -177,8 +178,8 @@ def test_reward_model_learns_a_held_out_rule_and_shuffled_labels_do_not(tmp_path
             o = json.loads((out / f"{name}.json").read_text())["overall"]
             margin[key] = o["mean_p_yes_winner_first"] - o["mean_p_yes_winner_second"]
     # Order-symmetric accuracy alone cannot tell them apart: the shuffled model sits at P(yes) = 0.51 / 0.49,
-    # a residual tilt that is "right" on every pair. Measured on the shipped zoo: margin 0.993 (rule),
-    # 0.003 (shuffled), 0.033 (base) (other VLM weights of its development: 0.990-0.992, 0.004-0.005, 0.015-0.032).
+    # a residual tilt that is "right" on every pair. Measured on the shipped zoo: margin 0.994 (rule),
+    # 0.010 (shuffled), -0.059 (base) (earlier VLM weights: 0.990-0.993, 0.003-0.005, 0.015-0.033).
     print(f"reward margins: {margin}")
     assert margin[False] >= 0.5, margin
     assert margin[True] < 0.2 and margin["base"] < 0.2, margin
@@ -212,5 +213,6 @@ def test_rl_on_the_shipped_judge_raises_the_held_out_oracle_and_lr_to_zero_does_
     print(f"held-out oracle: lr 3e-4 {b_hi:.4f} -> {a_hi:.4f}; lr 1e-12 {b_lo:.4f} -> {a_lo:.4f}")
     assert b_hi == pytest.approx(b_lo, abs=1e-6)  # same base, same held-out rollouts
     assert abs(a_lo - b_lo) < 1e-4
-    # Measured: +0.0062 (seeds 1, 2 of the same test: +0.0042, +0.0127); the untuned base as judge: -0.0047.
+    # Measured with the judge shipped 2026-12-05: +0.0115 (0.5669 -> 0.5784); the untuned base as judge:
+    # -0.0127. With the judge shipped before: +0.0062 (seeds 1, 2: +0.0042, +0.0127), its base -0.0047.
     assert a_hi - a_lo > 0.003

@@ -47,11 +47,11 @@ class Budget:
     flux_batch: int = 16
     flux_ema: float = 0.995
     flux_mask_weight: float = 4.0  # pretrain.flux.token_mask_weights; 0 = the plain mean (A/B in BENCHMARKS.md)
-    vit_steps: int = 1000  # the VLM's vision warm-up (vlm.vit_warmup), before the question answering
+    vit_steps: int = 2000  # the VLM's vision warm-up (vlm.vit_warmup), before the question answering
     vit_lr: float = 3e-3
-    vit_head: str = "shape"  # the warm-up's probe: "shape" (max-pooled) or "tokens" (each token's object)
+    vit_head: str = "tokens"  # the warm-up's probe: "tokens" (each token's own object) or "shape" (max-pooled)
     vlm_token_aux: float = 0.0  # weight of the per-token loss kept beside question answering (vlm.run)
-    vlm_steps: int = 1600
+    vlm_steps: int = 2600
     vlm_lr: float = 1e-3
     vlm_batch: int = 32
     clip_steps: int = 400
